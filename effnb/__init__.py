@@ -1,0 +1,14 @@
+"""effnb: the helper library of *Efficient Deep Learning, Hands-On*.
+
+Layers (imports only point down): ``config``; ``data``, ``plot``, ``show``, ``report``;
+``models``, ``train``, ``measure``; technique modules (``roofline``, ``diffusion``, ...).
+"""
+import os as _os
+
+from effnb import config
+
+__version__ = "0.1.0"
+
+if _os.environ.get("EFFNB_BLOCK_NETWORK") == "1":
+    # The tests set this so that notebook kernels, too, fail fast on any network access.
+    config.block_network()

@@ -1,0 +1,210 @@
+"""Measure what efficiency is made of: parameters, bytes, FLOPs, latency, peak memory, and
+this machine's own roofline (peak compute and memory bandwidth).
+
+Introduced in Chapter 0.
+"""
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = [
+    "MachineRoofline",
+    "count_flops",
+    "count_parameters",
+    "cpu_name",
+    "latency",
+    "measure_bandwidth",
+    "measure_machine",
+    "measure_matmul",
+    "model_bytes",
+    "peak_memory",
+]
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters of ``model`` (shared tensors counted once). Introduced in Chapter 0."""
+    seen: dict[int, int] = {}
+    for p in model.parameters():
+        if p.requires_grad or not trainable_only:
+            seen[id(p)] = p.numel()
+    return sum(seen.values())
+
+
+def model_bytes(model: nn.Module, bits: float = 32) -> float:
+    """Bytes to store ``model``'s parameters at ``bits`` per parameter (``bits / 8`` each).
+
+    Raises ``ValueError`` for ``bits`` outside (0, 64]. Introduced in Chapter 0.
+    """
+    if not 0 < bits <= 64:
+        raise ValueError(f"bits={bits!r} must lie in (0, 64], e.g. 32 for fp32, 8 for int8, 1 for binary.")
+    return count_parameters(model) * bits / 8
+
+
+def count_flops(fn: Callable | nn.Module, *inputs, **kwargs) -> int:
+    """Floating-point operations of one call ``fn(*inputs, **kwargs)``, counted by torch's FlopCounterMode.
+
+    A multiply-add counts as 2 FLOPs; only ops torch has a formula for (matmul, conv, attention)
+    are counted, so element-wise work is left out. Introduced in Chapter 0.
+    """
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        fn(*inputs, **kwargs)
+    return int(counter.get_total_flops())
+
+
+def _sync(device: torch.device | None) -> None:
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def latency(fn: Callable[[], object], warmup: int = 3, repeats: int = 10,
+            device: torch.device | None = None) -> float:
+    """Median wall time of ``fn()`` in seconds, after ``warmup`` untimed calls.
+
+    Pass ``device`` for a GPU so each call is synchronised before the clock stops.
+    Introduced in Chapter 0.
+    """
+    if warmup < 0 or repeats < 1:
+        raise ValueError(f"need warmup >= 0 and repeats >= 1, got {warmup} and {repeats}.")
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class _AllocationTracker(TorchDispatchMode):
+    """Follows every tensor storage an op creates until it is freed; keeps the peak of live bytes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._storages: dict[int, int] = {}
+
+    def _release(self, key: int) -> None:
+        self.live -= self._storages.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's protocol
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self._storages:
+                    self._storages[key] = storage.nbytes()
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._release, key)
+        return out
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device | None = None) -> int:
+    """Peak bytes of tensors allocated during ``fn()`` (inputs and parameters that exist before are not counted).
+
+    On CUDA it reads the allocator's peak; elsewhere a dispatch mode follows each new storage
+    until Python frees it. Introduced in Chapter 0.
+    """
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device) - before)
+    tracker = _AllocationTracker()
+    with tracker:
+        fn()
+    return tracker.peak
+
+
+# ----------------------------------------------------------------------------- the machine's roofline
+def cpu_name() -> str:
+    """The processor's model name (from /proc/cpuinfo where there is one)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def measure_matmul(n: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32,
+                   repeats: int = 5) -> tuple[float, float]:
+    """Achieved FLOP/s of an ``(n, n) @ (n, n)`` matmul and its arithmetic intensity (FLOP per byte).
+
+    FLOPs = 2n³; bytes = 3n² elements (read A and B, write C) at ``dtype``'s size. Introduced in Chapter 0.
+    """
+    device = device or torch.device("cpu")
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    seconds = latency(lambda: a @ b, warmup=2, repeats=repeats, device=device)
+    flops = 2.0 * n**3
+    intensity = flops / (3 * n * n * a.element_size())
+    return flops / seconds, intensity
+
+
+def measure_bandwidth(numel: int = 1 << 24, device: torch.device | None = None, repeats: int = 5) -> float:
+    """Achieved memory bandwidth in bytes/s of an fp32 copy ``y.copy_(x)`` over ``numel`` elements.
+
+    A copy reads and writes each element once: bytes = 2 · 4 · numel. Use a size well beyond the
+    last-level cache. Introduced in Chapter 0.
+    """
+    device = device or torch.device("cpu")
+    x = torch.randn(numel, device=device)
+    y = torch.empty_like(x)
+    seconds = latency(lambda: y.copy_(x), warmup=2, repeats=repeats, device=device)
+    return 2 * 4 * numel / seconds
+
+
+@dataclass(frozen=True)
+class MachineRoofline:
+    """This machine's measured roofline: ``peak_flops`` (FLOP/s) and ``bandwidth`` (bytes/s).
+
+    ``ridge`` is the arithmetic intensity (FLOP/byte) where the two roofs meet.
+    """
+
+    name: str
+    threads: int
+    peak_flops: float
+    bandwidth: float
+
+    @property
+    def ridge(self) -> float:
+        """Arithmetic intensity at which a kernel stops being memory-bound."""
+        return self.peak_flops / self.bandwidth
+
+    def attainable(self, intensity: float) -> float:
+        """Roofline bound in FLOP/s: ``min(peak_flops, intensity · bandwidth)``."""
+        return min(self.peak_flops, intensity * self.bandwidth)
+
+
+def measure_machine(device: torch.device | None = None, matmul_size: int = 1024,
+                    copy_numel: int = 1 << 24) -> MachineRoofline:
+    """Measure peak fp32 matmul FLOP/s and copy bandwidth on ``device`` (default: the CPU).
+
+    The peak is the best of a few large matmuls, not the vendor's datasheet figure.
+    Introduced in Chapter 0.
+    """
+    device = device or torch.device("cpu")
+    peak = max(measure_matmul(n, device)[0] for n in (matmul_size // 2, matmul_size))
+    bandwidth = measure_bandwidth(copy_numel, device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    return MachineRoofline(name=name, threads=torch.get_num_threads(), peak_flops=peak, bandwidth=bandwidth)

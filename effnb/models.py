@@ -1,0 +1,46 @@
+"""Small models that several chapters share. Technique-specific models live with their technique.
+
+Introduced in Chapter 0.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["SmallCNN"]
+
+
+class SmallCNN(nn.Module):
+    """A two-block CNN classifier for small images (digits 8×8 up to CIFAR 32×32).
+
+    ``conv(3×3) → BN → ReLU → maxpool`` twice, global average pooling, then a linear head.
+    ``features(x)`` returns the pooled features ``(B, 2·width)`` that the diffusion chapters use
+    as a feature space for their Fréchet distance. Introduced in Chapter 0.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16) -> None:
+        super().__init__()
+        if in_channels < 1 or num_classes < 2 or width < 1:
+            raise ValueError(
+                f"SmallCNN needs in_channels >= 1, num_classes >= 2, width >= 1; got {in_channels}, {num_classes}, {width}."
+            )
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.head = nn.Linear(2 * width, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features: ``(B, C, H, W) -> (B, 2·width)``."""
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits: ``(B, C, H, W) -> (B, num_classes)``."""
+        return self.head(self.features(x))

@@ -1,0 +1,60 @@
+"""One look for every figure in the book: style, method colours, small helpers.
+
+A method keeps its colour in every chapter: look it up with :func:`color`.
+Introduced in Chapter 0.
+"""
+from __future__ import annotations
+
+import matplotlib as mpl
+import matplotlib.pyplot as plt
+
+__all__ = ["COLORS", "color", "new_figure", "use_style"]
+
+# Colour-blind-safe (Okabe-Ito). Keys are roles, so that chapters agree.
+COLORS: dict[str, str] = {
+    "baseline": "#7f7f7f",
+    "method": "#d55e00",
+    "alternative": "#0072b2",
+    "fp32": "#000000",
+    "fp16": "#56b4e9",
+    "int8": "#009e73",
+    "int4": "#e69f00",
+    "memory": "#0072b2",
+    "compute": "#d55e00",
+    "measured": "#cc79a7",
+    "predicted": "#009e73",
+}
+
+_STYLE = {
+    "figure.dpi": 100,
+    "savefig.dpi": 100,
+    "figure.figsize": (6.4, 3.6),
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.titlesize": 11,
+    "axes.labelsize": 10,
+    "legend.fontsize": 9,
+    "legend.frameon": False,
+    "font.size": 10,
+}
+
+
+def use_style() -> None:
+    """Apply the book's matplotlib style (modest DPI keeps notebook images small)."""
+    mpl.rcParams.update(_STYLE)
+
+
+def color(role: str) -> str:
+    """The colour of ``role`` (e.g. ``"baseline"``, ``"method"``); unknown roles raise ``KeyError``."""
+    if role not in COLORS:
+        raise KeyError(f"no colour for {role!r}; use one of {', '.join(sorted(COLORS))}.")
+    return COLORS[role]
+
+
+def new_figure(ncols: int = 1, width: float = 6.4, height: float = 3.6):
+    """A styled figure with ``ncols`` side-by-side axes; returns ``(fig, axes)``."""
+    use_style()
+    fig, axes = plt.subplots(1, ncols, figsize=(width, height), layout="constrained")
+    return fig, axes

@@ -1,0 +1,132 @@
+"""One training loop for the whole book, per-class accuracy, and safetensors checkpoints.
+
+Introduced in Chapter 0.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from effnb.config import progress_enabled
+
+__all__ = ["Accuracy", "History", "evaluate", "fit", "load_checkpoint", "save_checkpoint"]
+
+
+@dataclass
+class History:
+    """Mean training loss of each epoch."""
+
+    loss: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """Overall accuracy and accuracy per class ``(num_classes,)``, both in [0, 1]."""
+
+    overall: float
+    per_class: torch.Tensor
+
+    @property
+    def balanced(self) -> float:
+        """Mean of the per-class accuracies (what a long-tailed chapter reports)."""
+        return float(self.per_class.mean())
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def fit(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int,
+    batch_size: int = 64,
+    lr: float = 1e-2,
+    weight_decay: float = 0.0,
+    loss_fn: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    seed: int = 0,
+    desc: str = "train",
+) -> History:
+    """Train ``model`` on tensors ``x (N, ...)`` and ``y (N,)`` for ``epochs`` with shuffled mini-batches.
+
+    Adam with ``lr``/``weight_decay`` unless ``optimizer`` is given; cross-entropy unless ``loss_fn``
+    is. Batches move to the model's device. The shuffle order depends only on ``seed``.
+    Returns a :class:`History`. Introduced in Chapter 0.
+    """
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}.")
+    if len(x) != len(y):
+        raise ValueError(f"x has {len(x)} rows but y has {len(y)}; they must match.")
+    device = _device_of(model)
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    history = History()
+    model.train()
+    for _ in tqdm(range(epochs), desc=desc, disable=not progress_enabled(), mininterval=1.0):
+        order = torch.randperm(len(x), generator=gen)
+        total, count = 0.0, 0
+        for start in range(0, len(x), batch_size):
+            idx = order[start : start + batch_size]
+            xb, yb = x[idx].to(device), y[idx].to(device)
+            loss = loss_fn(model(xb), yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(idx)
+            count += len(idx)
+        history.loss.append(total / count)
+    return history
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int | None = None,
+             batch_size: int = 512) -> Accuracy:
+    """Accuracy of ``model`` on ``x (N, ...)``, ``y (N,)``: overall and per class.
+
+    A class absent from ``y`` gets accuracy NaN. Introduced in Chapter 0.
+    """
+    num_classes = num_classes or int(y.max()) + 1
+    device = _device_of(model)
+    model.eval()
+    preds = torch.cat([model(x[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x), batch_size)])
+    correct = (preds == y).float()
+    hits = torch.zeros(num_classes).index_add_(0, y, correct)
+    totals = torch.bincount(y, minlength=num_classes).float()
+    per_class = torch.where(totals > 0, hits / totals.clamp(min=1), torch.full_like(totals, float("nan")))
+    return Accuracy(overall=float(correct.mean()), per_class=per_class)
+
+
+def save_checkpoint(model: nn.Module, path: str | Path, metadata: dict | None = None) -> Path:
+    """Save ``model``'s state dict with safetensors; ``metadata`` (JSON-serialisable) travels in the header."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata={"effnb": json.dumps(metadata or {})})
+    return path
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> dict:
+    """Load a :func:`save_checkpoint` file into ``model`` (strictly) and return its metadata.
+
+    Raises ``FileNotFoundError`` naming the path when it is missing.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; create it first (see the chapter or scripts/).")
+    model.load_state_dict(load_file(str(path), device=str(_device_of(model))))
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata() or {}
+    return json.loads(meta.get("effnb", "{}"))

@@ -1,0 +1,71 @@
+import pytest
+import torch
+from torch import nn
+
+from effnb import train
+from effnb.data import load_digits
+from effnb.models import SmallCNN
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits()
+
+
+def test_fit_learns_digits_and_is_deterministic(digits):
+    torch.manual_seed(0)
+    a = SmallCNN(width=8)
+    history = train.fit(a, digits.x_train, digits.y_train, epochs=3, lr=1e-2, seed=0)
+    assert len(history.loss) == 3 and history.loss[-1] < history.loss[0]
+    acc = train.evaluate(a, digits.x_test, digits.y_test)
+    assert acc.overall > 0.7  # chance is 0.1
+    torch.manual_seed(0)
+    b = SmallCNN(width=8)
+    train.fit(b, digits.x_train, digits.y_train, epochs=3, lr=1e-2, seed=0)
+    assert torch.equal(a.head.weight, b.head.weight)
+
+
+def test_evaluate_per_class_matches_hand_count():
+    class Fixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dummy = nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):  # predicts class = first feature
+            return nn.functional.one_hot(x[:, 0].long(), 3).float()
+
+    x = torch.tensor([[0.0], [1.0], [1.0], [2.0], [0.0]])
+    y = torch.tensor([0, 1, 2, 2, 1])
+    acc = train.evaluate(Fixed(), x, y, num_classes=4)
+    assert acc.overall == pytest.approx(3 / 5)
+    assert acc.per_class[:3].tolist() == pytest.approx([1.0, 0.5, 0.5])
+    assert torch.isnan(acc.per_class[3])  # class 3 never appears
+
+
+def test_fit_rejects_bad_arguments(digits):
+    model = SmallCNN(width=4)
+    with pytest.raises(ValueError, match="epochs and batch_size must be >= 1"):
+        train.fit(model, digits.x_train, digits.y_train, epochs=0)
+    with pytest.raises(ValueError, match="x has 1347 rows but y has 10"):
+        train.fit(model, digits.x_train, digits.y_train[:10], epochs=1)
+
+
+def test_checkpoint_round_trip(tmp_path, digits):
+    model = SmallCNN(width=4)
+    path = train.save_checkpoint(model, tmp_path / "m.safetensors", {"epochs": 3, "note": "x"})
+    assert path.read_bytes()[:8]  # a real file, written with safetensors
+    other = SmallCNN(width=4)
+    assert train.load_checkpoint(other, path) == {"epochs": 3, "note": "x"}
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, other.state_dict()[key])
+
+
+def test_missing_checkpoint_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"checkpoint .*nothing\.safetensors does not exist"):
+        train.load_checkpoint(SmallCNN(width=4), tmp_path / "nothing.safetensors")
+
+
+def test_small_cnn_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="SmallCNN needs"):
+        SmallCNN(num_classes=1)
+    assert SmallCNN(in_channels=3, width=8).features(torch.zeros(2, 3, 32, 32)).shape == (2, 16)
