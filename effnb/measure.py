@@ -162,16 +162,18 @@ def measure_matmul(n: int, device: torch.device | None = None, dtype: torch.dtyp
 
 
 def measure_bandwidth(numel: int = 1 << 24, device: torch.device | None = None, repeats: int = 5) -> float:
-    """Achieved memory bandwidth in bytes/s of an fp32 copy ``y.copy_(x)`` over ``numel`` elements.
+    """Achieved memory bandwidth in bytes/s: the better of an fp32 copy and an fp32 add over ``numel`` elements.
 
-    A copy reads and writes each element once: bytes = 2 · 4 · numel. Use a size well beyond the
-    last-level cache. Introduced in Chapter 0.
+    A copy ``y.copy_(x)`` moves 2 · 4 · numel bytes (one read, one write); an add ``torch.add(x, y, out=z)``
+    moves 3 · 4 · numel. Use a size well beyond the last-level cache. Introduced in Chapter 0.
     """
     device = device or torch.device("cpu")
     x = torch.randn(numel, device=device)
     y = torch.empty_like(x)
-    seconds = latency(lambda: y.copy_(x), warmup=2, repeats=repeats, device=device)
-    return 2 * 4 * numel / seconds
+    z = torch.empty_like(x)
+    copy_s = latency(lambda: y.copy_(x), warmup=2, repeats=repeats, device=device)
+    add_s = latency(lambda: torch.add(x, y, out=z), warmup=2, repeats=repeats, device=device)
+    return max(2 * 4 * numel / copy_s, 3 * 4 * numel / add_s)
 
 
 @dataclass(frozen=True)
@@ -200,11 +202,13 @@ def measure_machine(device: torch.device | None = None, matmul_size: int = 1024,
                     copy_numel: int = 1 << 24) -> MachineRoofline:
     """Measure peak fp32 matmul FLOP/s and copy bandwidth on ``device`` (default: the CPU).
 
-    The peak is the best of a few large matmuls, not the vendor's datasheet figure.
+    The peak is the best of matmuls of a few sizes up to ``matmul_size``, not the vendor's datasheet
+    figure; the bandwidth is the best of a copy and an add (:func:`measure_bandwidth`).
     Introduced in Chapter 0.
     """
     device = device or torch.device("cpu")
-    peak = max(measure_matmul(n, device)[0] for n in (matmul_size // 2, matmul_size))
+    sizes = sorted({max(matmul_size // 4, 1), max(matmul_size // 2, 1), matmul_size})
+    peak = max(measure_matmul(n, device)[0] for n in sizes)
     bandwidth = measure_bandwidth(copy_numel, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     return MachineRoofline(name=name, threads=torch.get_num_threads(), peak_flops=peak, bandwidth=bandwidth)

@@ -1,0 +1,121 @@
+"""The chapter contract (DESIGN.md), checked on every notebook the book lists."""
+from __future__ import annotations
+
+import base64
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text())
+REPO_URL = CONFIG["repository"]["url"].rstrip("/")
+MAX_IMAGE_BYTES = 300 * 1024
+
+
+def toc_files() -> list[str]:
+    files: list[str] = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("file"), str):
+                files.append(node["file"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(yaml.safe_load((ROOT / "_toc.yml").read_text()))
+    return files
+
+
+CHAPTERS = [ROOT / f"{f}.ipynb" for f in toc_files() if f.startswith("notebooks/")]
+
+
+def test_every_toc_entry_exists():
+    for entry in toc_files():
+        assert any((ROOT / f"{entry}{ext}").exists() for ext in (".ipynb", ".md")), f"{entry} is in _toc.yml but missing"
+
+
+def test_every_notebook_is_in_the_toc():
+    listed = {p.name for p in CHAPTERS}
+    for notebook in (ROOT / "notebooks").glob("*.ipynb"):
+        assert notebook.name in listed, f"{notebook.name} is not listed in _toc.yml"
+
+
+def test_notebooks_are_named_nn_short_name():
+    for notebook in CHAPTERS:
+        assert re.fullmatch(r"\d\d_[a-z0-9_]+\.ipynb", notebook.name), notebook.name
+
+
+@pytest.fixture(params=CHAPTERS, ids=lambda p: p.stem)
+def nb(request):
+    notebook = nbformat.read(request.param, as_version=4)
+    notebook.path = request.param
+    return notebook
+
+
+def sources(nb, kind=None):
+    return [c.source for c in nb.cells if kind is None or c.cell_type == kind]
+
+
+def test_kernelspec_is_python3(nb):
+    assert nb.metadata.get("kernelspec", {}).get("name") == "python3"
+
+
+def test_exactly_one_parameters_cell_with_the_standard_knobs(nb):
+    cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(cells) == 1, f"{len(cells)} cells tagged 'parameters'"
+    for knob in ('PROFILE = "ci"', "SEED = ", 'DEVICE = "auto"'):
+        assert knob in cells[0].source, f"parameters cell lacks {knob}"
+    following = nb.cells[nb.cells.index(cells[0]) + 1]
+    assert "setup(" in following.source, "the cell after the parameters must validate them with effnb.config.setup"
+
+
+def test_colab_badge_points_at_this_notebook(nb):
+    badge = f"https://colab.research.google.com/github/{REPO_URL.split('github.com/')[1]}/blob/main/notebooks/{nb.path.name}"
+    assert badge in nb.cells[0].source, f"first cell lacks the Colab badge {badge}"
+
+
+def test_install_cell_is_guarded_and_uses_the_configured_repository(nb):
+    code = sources(nb, "code")[0]
+    assert 'find_spec("effnb") is None' in code
+    assert f"git+{REPO_URL}" in code
+
+
+def test_claim_cell_is_checked_by_nbval_and_records_claims(nb):
+    claims = [s for s in sources(nb, "code") if s.startswith("# NBVAL_CHECK_OUTPUT") and "record_claim(" in s]
+    assert claims, "no claim cell (starts with # NBVAL_CHECK_OUTPUT and calls record_claim)"
+    assert all("reproduced=True" not in s and "reproduced=False" not in s for s in claims), "reproduced is hard-coded"
+
+
+def test_at_least_three_exercises_each_with_solution_and_check(nb):
+    code = sources(nb, "code")
+    solutions = [s for s in code if "# BEGIN SOLUTION" in s]
+    assert len(solutions) >= 3, f"{len(solutions)} exercises with solutions"
+    for s in solutions:
+        assert s.count("# BEGIN SOLUTION") == s.count("# END SOLUTION"), "unbalanced solution markers"
+    checks = [s for s in code if s.startswith("# CHECK exercise")]
+    assert len(checks) >= len(solutions) and all("assert " in s for s in checks)
+
+
+def test_no_error_outputs(nb):
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            assert out.get("output_type") != "error", f"stored error output: {out.get('ename')}"
+
+
+def test_stored_outputs_exist(nb):
+    assert any(cell.get("outputs") for cell in nb.cells if cell.cell_type == "code"), "notebook stored without outputs"
+
+
+def test_no_embedded_image_over_300_kb(nb):
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            for mime, payload in out.get("data", {}).items():
+                if mime.startswith("image/") and mime != "image/svg+xml":
+                    size = len(base64.b64decode(payload if isinstance(payload, str) else "".join(payload)))
+                    assert size <= MAX_IMAGE_BYTES, f"{mime} of {size / 1024:.0f} KB"
