@@ -1,0 +1,69 @@
+"""The tooling: notebook runner, run-time table, report page, book staging."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import build_book  # noqa: E402
+import run_notebooks  # noqa: E402
+
+
+def test_toc_notebooks_are_the_chapters_in_order():
+    names = [p.name for p in run_notebooks.toc_notebooks()]
+    assert names[0] == "00_measuring_efficiency.ipynb"
+    assert names == sorted(names)
+
+
+def test_runtime_table_flags_budget_overruns():
+    table = run_notebooks.runtime_table({"00_a": 30.0, "01_b": 130.0}, "ci")
+    assert "| 00_a | 30.0 | yes |" in table
+    assert "| 01_b | 130.0 | **no** |" in table
+    assert "| **whole book** | 160.0 | yes |" in table
+    assert "cores" in table and "torch" in table
+    over = run_notebooks.runtime_table({f"{i:02d}_x": 100.0 for i in range(10)}, "ci")
+    assert "| **whole book** | 1000.0 | **no** |" in over
+
+
+def test_runner_refuses_missing_notebooks_and_full_refresh(capsys):
+    with pytest.raises(SystemExit):
+        run_notebooks.main(["--out", "x", "notebooks/99_missing.ipynb"])
+    assert "no such notebook" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_notebooks.main(["--refresh", "--profile", "full"])
+    assert "--refresh stores ci-profile outputs only" in capsys.readouterr().err
+
+
+def test_strip_run_metadata(tmp_path):
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("1")])
+    nb.metadata["papermill"] = {"duration": 1}
+    nb.cells[0].metadata["papermill"] = {"duration": 1}
+    nb.cells[0].metadata["execution"] = {"iopub": 1}
+    nb.cells[0].metadata["tags"] = ["parameters"]
+    path = tmp_path / "n.ipynb"
+    nbformat.write(nb, path)
+    run_notebooks.strip_run_metadata(path)
+    again = nbformat.read(path, as_version=4)
+    assert "papermill" not in again.metadata
+    assert again.cells[0].metadata == {"tags": ["parameters"]}
+
+
+def test_book_staging_and_report_page(tmp_path, monkeypatch):
+    monkeypatch.setattr(build_book, "STAGE", tmp_path / "src")
+    monkeypatch.setattr(build_book, "CLAIMS", tmp_path / "claims")
+    build_book.stage_sources()
+    assert (tmp_path / "src" / "_toc.yml").exists()
+    assert (tmp_path / "src" / "notebooks" / "00_measuring_efficiency.ipynb").exists()
+    monkeypatch.setenv("EFFNB_REPORT_DIR", str(tmp_path / "claims"))
+    from effnb.report import record_claim
+
+    record_claim("00_measuring_efficiency", "a claim", "1", "1", True)
+    build_book.write_report()
+    page = (tmp_path / "src" / "book" / "reproduction.md").read_text()
+    assert "| 00_measuring_efficiency | a claim | 1 | 1 | yes |  |" in page
+    assert "<!-- CLAIMS TABLE -->" not in page
