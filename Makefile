@@ -11,7 +11,8 @@ env: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[book,test]"
+	@echo "installing the pinned stack into $(VENV)/ (about two minutes the first time) ..."
+	$(BIN)/python -m pip install -qq --disable-pip-version-check -c constraints.txt -e ".[book,test]"
 	@touch $(STAMP)
 
 book: $(STAMP)  ## execute every chapter (ci profile) into _build and render _build/html
