@@ -28,8 +28,9 @@ from typing import Literal
 __all__ = [
     "BIT_WIDTHS", "COMPAT_MODES", "HARDWARE", "MODELS", "QUIRKS", "STAGES",
     "Analysis", "Generation", "Hardware", "ModelShape", "OperatorCost", "Settings",
-    "analyze", "generation", "get_hardware", "get_model", "hardware_from_measurement",
-    "main", "plot_roofline", "register_hardware", "shape_from_config",
+    "analyze", "attention_costs", "elementwise_cost", "fused_attention_cost", "generation", "get_hardware",
+    "get_model", "hardware_from_measurement", "head_cost", "layer_costs", "linear_cost", "main",
+    "plot_roofline", "register_hardware", "shape_from_config",
 ]
 
 Stage = Literal["prefill", "decode"]
@@ -521,10 +522,11 @@ def generation(model: str | ModelShape, hardware: str | Hardware, prompt: int, n
 
 
 # ----------------------------------------------------------------------------- plot
-def plot_roofline(analysis: Analysis, ax=None, label_top: int = 6):
+def plot_roofline(analysis: Analysis, ax=None, label_top: int = 4):
     """Draw ``analysis.hardware``'s roofline (log-log) with each operator placed on it.
 
-    Labels the ``label_top`` operators that take longest. Returns the axes. Introduced in Chapter 1.
+    Operators at (nearly) the same point share one label; the ``label_top`` groups that take
+    longest are labelled. Returns the axes. Introduced in Chapter 1.
     """
     import numpy as np
     from effnb import plot
@@ -535,17 +537,22 @@ def plot_roofline(analysis: Analysis, ax=None, label_top: int = 6):
     peak = max(op.peak for op in ops)
     ai = np.logspace(-1, 5, 200)
     ax.loglog(ai, np.minimum(ai * hw.bandwidth, peak), color="black", lw=1.2, label=f"{hw.name} roof")
+    groups: dict[tuple[int, int], list[OperatorCost]] = {}
     for op in ops:
-        role = "memory" if op.bound == "memory" else "compute"
-        ax.scatter(op.arithmetic_intensity, op.ops / op.time, color=plot.color(role), s=18, zorder=3)
-    for op in sorted(ops, key=lambda o: -o.count * o.time)[:label_top]:
-        ax.annotate(op.name, (op.arithmetic_intensity, op.ops / op.time), fontsize=7,
-                    xytext=(3, -9), textcoords="offset points")
+        ax.scatter(op.arithmetic_intensity, op.ops / op.time, color=plot.color(op.bound), s=18, zorder=3)
+        key = (round(4 * math.log10(op.arithmetic_intensity)), round(4 * math.log10(op.ops / op.time)))
+        groups.setdefault(key, []).append(op)
+    ranked = sorted(groups.values(), key=lambda g: -sum(o.count * o.time for o in g))[:label_top]
+    for i, group in enumerate(ranked):
+        first, names = group[0], [o.name for o in group]
+        text = ", ".join(names) if len(names) <= 3 else f"{names[0]} and {len(names) - 1} more"
+        ax.annotate(text, (first.arithmetic_intensity, first.ops / first.time),
+                    fontsize=7, xytext=(6, -12 - 9 * (i % 2)), textcoords="offset points")
     for role in ("memory", "compute"):
         ax.scatter([], [], color=plot.color(role), s=18, label=f"{role}-bound operator")
     ax.set(xlabel="arithmetic intensity (OP/byte)", ylabel="attained performance (OP/s)",
            title=f"{analysis.model.name}, {analysis.settings.stage}, batch {analysis.settings.batch}")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left")
     return ax
 
 
