@@ -27,9 +27,8 @@ NOTEBOOK_BUDGET_S = 120.0
 BOOK_BUDGET_S = 15 * 60.0
 
 
-def toc_notebooks(root: Path = ROOT) -> list[Path]:
-    """Chapter notebooks in the order _toc.yml lists them."""
-    toc = yaml.safe_load((root / "_toc.yml").read_text())
+def toc_files(root: Path = ROOT) -> list[str]:
+    """Every ``file:`` entry of _toc.yml (without extension), in order."""
     files: list[str] = []
 
     def walk(node: object) -> None:
@@ -42,8 +41,13 @@ def toc_notebooks(root: Path = ROOT) -> list[Path]:
             for item in node:
                 walk(item)
 
-    walk(toc)
-    return [root / f"{f}.ipynb" for f in files if (root / f"{f}.ipynb").exists()]
+    walk(yaml.safe_load((root / "_toc.yml").read_text()))
+    return files
+
+
+def toc_notebooks(root: Path = ROOT) -> list[Path]:
+    """Chapter notebooks in the order _toc.yml lists them."""
+    return [root / f"{f}.ipynb" for f in toc_files(root) if (root / f"{f}.ipynb").exists()]
 
 
 def strip_run_metadata(path: Path) -> None:

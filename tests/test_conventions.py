@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import re
+import sys
 from pathlib import Path
 
 import nbformat
@@ -10,26 +11,13 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from run_notebooks import toc_files  # noqa: E402
+
 CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text())
 REPO_URL = CONFIG["repository"]["url"].rstrip("/")
 MAX_IMAGE_BYTES = 300 * 1024
-
-
-def toc_files() -> list[str]:
-    files: list[str] = []
-
-    def walk(node):
-        if isinstance(node, dict):
-            if isinstance(node.get("file"), str):
-                files.append(node["file"])
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for item in node:
-                walk(item)
-
-    walk(yaml.safe_load((ROOT / "_toc.yml").read_text()))
-    return files
 
 
 CHAPTERS = [ROOT / f"{f}.ipynb" for f in toc_files() if f.startswith("notebooks/")]
