@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: book test outputs benchmark env clean
+.PHONY: book test outputs benchmark assignments full-edition browser env clean
 
 env: $(STAMP)
 
@@ -18,14 +18,31 @@ $(STAMP): pyproject.toml constraints.txt
 book: $(STAMP)  ## execute every chapter (ci profile) into _build and render _build/html
 	$(BIN)/python scripts/build_book.py
 
-test: $(STAMP)  ## unit tests, notebook conventions, nbval over every chapter
+test: $(STAMP) browser  ## unit tests, notebook conventions, nbval over every chapter, assignments, browser, Colab wheel
 	$(BIN)/python -m pytest
+
+# The browser test (tests/test_browser.py) needs Debian's chromium and chromedriver. As root with
+# apt-get, install them when missing; never fail here: without them the test skips with a reason.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing chromium and chromium-driver for the browser test ..."; \
+	  (apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 \
+	    || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1)) \
+	    || echo "could not install chromium; tests/test_browser.py will be skipped"; \
+	else echo "chromium not found and not root with apt-get; tests/test_browser.py will be skipped"; fi
 
 outputs: $(STAMP)  ## re-execute the chapters and store their ci outputs in notebooks/
 	$(BIN)/python scripts/run_notebooks.py --refresh
 
 benchmark: $(STAMP)  ## time every chapter (ci profile) and write book/runtimes.md
 	$(BIN)/python scripts/run_notebooks.py --out _build/benchmark --runtimes book/runtimes.md
+
+assignments: $(STAMP)  ## student notebooks and autograders of every chapter into _build/assignments
+	$(BIN)/python scripts/make_assignments.py
+
+full-edition: $(STAMP)  ## run every chapter with PROFILE=full (needs a GPU) and render _build/full/html
+	$(BIN)/python scripts/build_full_edition.py
 
 clean:
 	rm -rf _build

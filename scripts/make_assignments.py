@@ -1,0 +1,310 @@
+"""Turn the chapters into assignments (student notebooks + answer keys) and grade submissions.
+
+  python scripts/make_assignments.py                        # every chapter in _toc.yml -> _build/assignments
+  python scripts/make_assignments.py notebooks/00_*.ipynb --out DIR
+  python scripts/make_assignments.py grade --key KEY.json SUBMISSION.ipynb ... [--out grades.csv]
+
+A chapter's exercise is a markdown heading ``### Exercise N: title``, a code cell with the solution
+between ``# BEGIN SOLUTION`` and ``# END SOLUTION``, and a check cell whose first line is
+``# CHECK exercise N`` (plain asserts). The student notebook replaces each solution by a stub that
+raises ``NotImplementedError`` with a hint; the answer key (JSON) holds each exercise's reference
+check. Grading runs a submission top to bottom in a fresh kernel (nbclient, errors allowed) with the
+reference checks put back in place of the submitted ones; an exercise scores when its check runs
+without an error. This file needs only nbformat and nbclient, so it is copied next to the keys as
+``grade.py`` and runs there on its own. The sources in notebooks/ are never written.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import csv
+import json
+import re
+import shutil
+import sys
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nbformat
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "_build" / "assignments"
+HEADING = re.compile(r"^#{2,4}\s*Exercise\s+(\d+)\s*[:.]\s*(.+?)\s*$", re.MULTILINE)
+CHECK = re.compile(r"^# CHECK exercise (\d+)\s*$")
+SOLUTION = re.compile(r"^([ \t]*)# BEGIN SOLUTION[^\n]*\n(.*?)^[ \t]*# END SOLUTION[^\n]*$", re.MULTILINE | re.DOTALL)
+META = "effnb"  # cell metadata key marking solution and check cells in student notebooks
+
+
+@dataclass
+class Exercise:
+    """One exercise of a chapter: its number, title, reference check and the cells that hold it."""
+
+    number: int
+    title: str
+    points: int = 1
+    check: str = ""
+    solution_cells: list[int] = field(default_factory=list)
+    check_cell: int | None = None
+
+
+@dataclass
+class Result:
+    """The grade of one exercise in one submission."""
+
+    number: int
+    title: str
+    points: int
+    earned: int
+    error: str = ""
+
+
+# --- reading a chapter -------------------------------------------------------------------------
+
+def check_number(source: str) -> int | None:
+    """The N of a check cell (first line ``# CHECK exercise N``), else None."""
+    first = source.lstrip("\n").split("\n", 1)[0]
+    match = CHECK.match(first.strip())
+    return int(match.group(1)) if match else None
+
+
+def parse_exercises(nb: nbformat.NotebookNode, name: str = "notebook") -> list[Exercise]:
+    """The exercises of ``nb`` in order; raise ValueError naming the fix when one is incomplete."""
+    exercises: dict[int, Exercise] = {}
+    current: Exercise | None = None
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type == "markdown":
+            for number, title in HEADING.findall(cell.source):
+                current = exercises.setdefault(int(number), Exercise(int(number), title))
+        elif "# BEGIN SOLUTION" in cell.source:
+            if current is None:
+                raise ValueError(f"{name}: cell {index} has a solution but no '### Exercise N: title' heading above it.")
+            current.solution_cells.append(index)
+        elif (number := check_number(cell.source)) is not None:
+            if number not in exercises:
+                raise ValueError(f"{name}: cell {index} checks exercise {number}, which has no '### Exercise {number}:' heading.")
+            exercises[number].check, exercises[number].check_cell = cell.source, index
+    for ex in exercises.values():
+        if not ex.solution_cells or ex.check_cell is None:
+            missing = "a '# BEGIN SOLUTION' cell" if not ex.solution_cells else f"a '# CHECK exercise {ex.number}' cell"
+            raise ValueError(f"{name}: exercise {ex.number} ({ex.title}) lacks {missing}; add it after the heading.")
+    return sorted(exercises.values(), key=lambda ex: ex.number)
+
+
+def defined_names(code: str) -> list[str]:
+    """Top-level names a solution defines (assignments, defs, classes), in order."""
+    try:
+        tree = ast.parse(textwrap.dedent(code))
+    except SyntaxError:
+        return []
+    names: list[str] = []
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.append(node.name)
+        for target in targets:
+            for sub in ast.walk(target) if target is not None else []:
+                if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Store):
+                    names.append(sub.id)
+    return list(dict.fromkeys(names))
+
+
+def used_names(code: str) -> set[str]:
+    """Names that ``code`` reads (what a check cell expects the solution to define)."""
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return set()
+    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+
+
+def stub_solution(source: str, exercise: Exercise) -> str:
+    """``source`` with each BEGIN/END SOLUTION block replaced by a stub raising NotImplementedError.
+
+    The hint names what the check cell reads of the solution's definitions (all of them if none).
+    """
+
+    def stub(match: re.Match) -> str:
+        indent, body = match.group(1), match.group(2)
+        defined = defined_names(body)
+        names = [n for n in defined if n in used_names(exercise.check)] or defined
+        goal = f"define {', '.join(f'`{n}`' for n in names)}" if names else "write your solution"
+        hint = f"Exercise {exercise.number} ({exercise.title}): {goal} here, then run the check cell below."
+        return f"{indent}# YOUR CODE HERE\n{indent}raise NotImplementedError({hint!r})"
+
+    return SOLUTION.sub(stub, source)
+
+
+# --- making assignments ------------------------------------------------------------------------
+
+def student_notebook(nb: nbformat.NotebookNode, exercises: list[Exercise]) -> nbformat.NotebookNode:
+    """A copy of ``nb`` with solutions stubbed, outputs cleared and exercise cells marked in metadata."""
+    student = copy.deepcopy(nb)
+    student.metadata.pop("papermill", None)
+    for ex in exercises:
+        for index in ex.solution_cells:
+            student.cells[index].source = stub_solution(student.cells[index].source, ex)
+            student.cells[index].metadata[META] = {"exercise": ex.number, "role": "solution"}
+        student.cells[ex.check_cell].metadata[META] = {"exercise": ex.number, "role": "check"}
+    for cell in student.cells:
+        for key in ("papermill", "execution"):
+            cell.metadata.pop(key, None)
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+    if any("# BEGIN SOLUTION" in c.source for c in student.cells if c.cell_type == "code"):
+        raise ValueError("a solution marker survived stubbing: each '# BEGIN SOLUTION' needs its '# END SOLUTION'.")
+    return student
+
+
+def answer_key(chapter: str, exercises: list[Exercise]) -> dict:
+    """The JSON answer key of a chapter: title, points and reference check of each exercise."""
+    return {"chapter": chapter, "exercises": [
+        {"number": ex.number, "title": ex.title, "points": ex.points, "check": ex.check} for ex in exercises]}
+
+
+def make_assignment(notebook: Path, out: Path) -> tuple[Path, Path]:
+    """Write ``out``/student/<name>.ipynb and ``out``/autograder/<name>.json for one chapter."""
+    nb = nbformat.read(notebook, as_version=4)
+    exercises = parse_exercises(nb, notebook.name)
+    if not exercises:
+        raise ValueError(f"{notebook.name} has no exercises ('### Exercise N: title' + solution + check cells).")
+    student, key = out / "student" / notebook.name, out / "autograder" / f"{notebook.stem}.json"
+    student.parent.mkdir(parents=True, exist_ok=True)
+    key.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(student_notebook(nb, exercises), student)
+    key.write_text(json.dumps(answer_key(notebook.stem, exercises), indent=2) + "\n")
+    return student, key
+
+
+def chapters() -> list[Path]:
+    """The chapter notebooks in _toc.yml order."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from run_notebooks import toc_notebooks
+
+    return toc_notebooks(ROOT)
+
+
+def make_main(argv: list[str]) -> int:
+    """CLI: make the assignments of the given (default: all) chapters."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("notebooks", nargs="*", type=Path, help="default: every chapter in _toc.yml")
+    parser.add_argument("--out", type=Path, default=OUT, help="output folder (default _build/assignments)")
+    args = parser.parse_args(argv)
+    out = args.out.resolve()
+    if out == (ROOT / "notebooks").resolve():
+        parser.error("--out must not be notebooks/: the sources are never overwritten.")
+    for notebook in [p.resolve() for p in args.notebooks] or chapters():
+        if not notebook.exists():
+            parser.error(f"no such notebook: {notebook}")
+        student, key = make_assignment(notebook, out)
+        count = len(json.loads(key.read_text())["exercises"])
+        print(f"{notebook.name}: {count} exercises -> {student.relative_to(out)}, {key.relative_to(out)}")
+    shutil.copy2(Path(__file__), out / "autograder" / "grade.py")
+    print(f"assignments in {out}; grade with: python {out / 'autograder' / 'grade.py'} grade --key KEY.json SUBMISSIONS")
+    return 0
+
+
+# --- grading -----------------------------------------------------------------------------------
+
+def with_reference_checks(nb: nbformat.NotebookNode, key: dict) -> tuple[nbformat.NotebookNode, dict[int, int]]:
+    """A copy of ``nb`` whose check cells hold the key's checks; return it and {exercise: cell index}.
+
+    A check cell is found by its first line or its metadata; a missing one is appended at the end.
+    """
+    nb = copy.deepcopy(nb)
+    where: dict[int, int] = {}
+    for index, cell in enumerate(nb.cells):
+        number = check_number(cell.source) if cell.cell_type == "code" else None
+        if number is None and cell.metadata.get(META, {}).get("role") == "check":
+            number = cell.metadata[META]["exercise"]
+        if number is not None:
+            where.setdefault(number, index)
+    for ex in key["exercises"]:
+        if ex["number"] in where:
+            nb.cells[where[ex["number"]]].source = ex["check"]
+        else:
+            nb.cells.append(nbformat.v4.new_code_cell(ex["check"]))
+            where[ex["number"]] = len(nb.cells) - 1
+    return nb, where
+
+
+def cell_error(cell: nbformat.NotebookNode) -> str:
+    """``'ename: evalue'`` of the first error output of ``cell``, or ``''``."""
+    for out in cell.get("outputs", []):
+        if out.get("output_type") == "error":
+            return f"{out.get('ename')}: {out.get('evalue')}"
+    return ""
+
+
+def execute(nb: nbformat.NotebookNode, cwd: Path, timeout: int = 900) -> nbformat.NotebookNode:
+    """Run ``nb`` top to bottom in a fresh python3 kernel in ``cwd``, errors allowed; return it."""
+    from nbclient import NotebookClient
+
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=True,
+                            resources={"metadata": {"path": str(cwd)}})
+    client.execute()
+    return nb
+
+
+def grade_notebook(nb: nbformat.NotebookNode, key: dict, cwd: Path,
+                   run: bool = True) -> tuple[list[Result], nbformat.NotebookNode]:
+    """Grade one submission against ``key``; return the results and the (executed) notebook.
+
+    With ``run=False`` the outputs already in ``nb`` are scored: a check passes only when its cell
+    is the reference check, was executed and shows no error.
+    """
+    if run:
+        prepared, where = with_reference_checks(nb, key)
+        executed = execute(prepared, cwd)
+    else:
+        executed, where = nb, with_reference_checks(nb, key)[1]
+    results = []
+    for ex in key["exercises"]:
+        cell = executed.cells[where[ex["number"]]]
+        if cell.source != ex["check"] and not run:
+            error = "check cell differs from the reference check"
+        elif cell.get("execution_count") is None:
+            error = "check cell was not run"
+        else:
+            error = cell_error(cell)
+        results.append(Result(ex["number"], ex["title"], ex["points"], 0 if error else ex["points"], error))
+    return results, executed
+
+
+def summary(name: str, results: list[Result]) -> str:
+    """One line: ``name  earned/total  exercise 1 ok, exercise 2 AssertionError: ...``."""
+    earned, total = sum(r.earned for r in results), sum(r.points for r in results)
+    parts = [f"exercise {r.number} {'ok' if not r.error else r.error.splitlines()[0][:80]}" for r in results]
+    return f"{name}  {earned}/{total}  " + ", ".join(parts)
+
+
+def grade_main(argv: list[str]) -> int:
+    """CLI: grade submissions against an answer key and write a CSV."""
+    parser = argparse.ArgumentParser(prog="grade", description="Grade submitted notebooks against an answer key.")
+    parser.add_argument("submissions", nargs="+", type=Path)
+    parser.add_argument("--key", type=Path, required=True, help="the chapter's answer key, autograder/NN_name.json")
+    parser.add_argument("--out", type=Path, default=Path("grades.csv"), help="CSV of per-exercise results")
+    parser.add_argument("--no-run", action="store_true", help="score the outputs already in the submissions")
+    args = parser.parse_args(argv)
+    key = json.loads(args.key.read_text())
+    rows = []
+    for path in args.submissions:
+        results, _ = grade_notebook(nbformat.read(path, as_version=4), key, path.resolve().parent, run=not args.no_run)
+        print(summary(path.name, results), flush=True)
+        rows += [[path.name, r.number, r.title, r.points, r.earned, r.error] for r in results]
+    with args.out.open("w", newline="") as handle:
+        csv.writer(handle).writerows([["submission", "exercise", "title", "points", "earned", "error"], *rows])
+    print(f"wrote {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "grade":
+        return grade_main(argv[1:])
+    return make_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

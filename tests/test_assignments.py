@@ -1,0 +1,148 @@
+"""The assignments: student notebooks, answer keys and the grader (scripts/make_assignments.py).
+
+Cost: each chapter's student notebook is executed once (30-90 s a chapter on 2 cores). The
+solutions are graded from the outputs stored in notebooks/, which nbval re-executes in the same
+`make test` (a failing check there fails nbval), and tests/test_colab_wheel.py grades a fresh
+execution of chapter 0 with the same key; so no chapter runs more than twice in the suite.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import make_assignments as ma  # noqa: E402
+from run_notebooks import toc_notebooks  # noqa: E402
+
+CHAPTERS = toc_notebooks()
+STUDENT_ERRORS = {"solution": {"NotImplementedError"}, "check": {"NameError", "AssertionError"}}
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory) -> Path:
+    """Assignments of every chapter, made once for this module."""
+    folder = tmp_path_factory.mktemp("assignments")
+    assert ma.main(["--out", str(folder)]) == 0
+    return folder
+
+
+def source_lines_of_solutions(nb: nbformat.NotebookNode) -> list[str]:
+    """Non-trivial lines between the solution markers of ``nb``."""
+    lines = []
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            for match in ma.SOLUTION.finditer(cell.source):
+                lines += [line.strip() for line in match.group(2).splitlines() if len(line.strip()) > 12]
+    return lines
+
+
+def test_every_chapter_gets_a_student_notebook_a_key_and_the_grader(out):
+    assert CHAPTERS, "no chapters in _toc.yml"
+    for chapter in CHAPTERS:
+        assert (out / "student" / chapter.name).exists()
+        key = json.loads((out / "autograder" / f"{chapter.stem}.json").read_text())
+        assert len(key["exercises"]) >= 3 and all(ex["check"].startswith("# CHECK exercise") for ex in key["exercises"])
+    assert (out / "autograder" / "grade.py").read_text() == (ROOT / "scripts" / "make_assignments.py").read_text()
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda p: p.stem)
+def test_student_notebook_has_stubs_instead_of_solutions(out, chapter):
+    source = nbformat.read(chapter, as_version=4)
+    student = nbformat.read(out / "student" / chapter.name, as_version=4)
+    assert len(student.cells) == len(source.cells)
+    text = "\n".join(c.source for c in student.cells if c.cell_type == "code")
+    assert "# BEGIN SOLUTION" not in text and "raise NotImplementedError(" in text
+    leaked = [line for line in source_lines_of_solutions(source) if line in text]
+    assert not leaked, f"solution lines left in the student notebook: {leaked[:3]}"
+    assert all(not c.outputs and c.execution_count is None for c in student.cells if c.cell_type == "code")
+    checks = [c.source for c in student.cells if c.metadata.get("effnb", {}).get("role") == "check"]
+    key = json.loads((out / "autograder" / f"{chapter.stem}.json").read_text())
+    assert checks == [ex["check"] for ex in key["exercises"]], "student check cells differ from the key"
+
+
+def test_stub_keeps_indentation_and_names_what_the_check_reads():
+    ex = ma.Exercise(1, "squares", check="# CHECK exercise 1\nassert total == 14")
+    source = "def f():\n    # BEGIN SOLUTION\n    total = 14\n    # END SOLUTION\n    return total\n"
+    stubbed = ma.stub_solution(source, ex)
+    assert "    raise NotImplementedError('Exercise 1 (squares): define `total` here" in stubbed
+    assert "total = 14" not in stubbed and stubbed.endswith("    return total\n")
+    compile(stubbed, "<stub>", "exec")
+
+
+def test_incomplete_exercises_are_refused_with_the_fix():
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_markdown_cell("### Exercise 1: add"),
+        nbformat.v4.new_code_cell("# BEGIN SOLUTION\nx = 2\n# END SOLUTION"),
+    ])
+    with pytest.raises(ValueError, match="exercise 1 \\(add\\) lacks a '# CHECK exercise 1' cell"):
+        ma.parse_exercises(nb)
+    orphan = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("# BEGIN SOLUTION\nx = 2\n# END SOLUTION")])
+    with pytest.raises(ValueError, match="no '### Exercise N: title' heading"):
+        ma.parse_exercises(orphan)
+
+
+def test_output_over_the_sources_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        ma.main(["--out", str(ROOT / "notebooks")])
+    assert "sources are never overwritten" in capsys.readouterr().err
+
+
+def tiny_chapter(path: Path) -> Path:
+    """A two-exercise notebook that runs in a second."""
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("base = 1"),
+        nbformat.v4.new_markdown_cell("## Exercises\n\n### Exercise 1: add one\n\nStore `base + 1` in `two`."),
+        nbformat.v4.new_code_cell("# BEGIN SOLUTION\ntwo = base + 1\n# END SOLUTION"),
+        nbformat.v4.new_code_cell("# CHECK exercise 1\nassert two == 2, f'two={two}'"),
+        nbformat.v4.new_markdown_cell("### Exercise 2: add two\n\nStore `base + 2` in `three`."),
+        nbformat.v4.new_code_cell("# BEGIN SOLUTION\nthree = base + 2\n# END SOLUTION"),
+        nbformat.v4.new_code_cell("# CHECK exercise 2\nassert three == 3"),
+    ])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+    return path
+
+
+def test_grader_uses_the_reference_checks_and_writes_a_csv(tmp_path, capsys):
+    chapter = tiny_chapter(tmp_path / "99_tiny.ipynb")
+    assert ma.main([str(chapter), "--out", str(tmp_path / "a")]) == 0
+    submission = nbformat.read(tmp_path / "a" / "student" / "99_tiny.ipynb", as_version=4)
+    submission.cells[2].source = "two = base + 1"          # exercise 1 solved
+    submission.cells[6].source = "# CHECK exercise 2\nassert True"  # exercise 2 unsolved, its check tampered with
+    nbformat.write(submission, tmp_path / "alice.ipynb")
+    grades = tmp_path / "grades.csv"
+    key = tmp_path / "a" / "autograder" / "99_tiny.json"
+    assert ma.main(["grade", "--key", str(key), str(tmp_path / "alice.ipynb"), "--out", str(grades)]) == 0
+    assert "alice.ipynb  1/2  exercise 1 ok, exercise 2 NameError" in capsys.readouterr().out
+    rows = list(csv.DictReader(grades.open()))
+    assert [(r["exercise"], r["earned"]) for r in rows] == [("1", "1"), ("2", "0")]
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda p: p.stem)
+def test_solutions_pass_every_check_of_the_key(out, chapter):
+    key = json.loads((out / "autograder" / f"{chapter.stem}.json").read_text())
+    results, _ = ma.grade_notebook(nbformat.read(chapter, as_version=4), key, chapter.parent, run=False)
+    assert all(r.earned == r.points for r in results), ma.summary(chapter.name, results)
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda p: p.stem)
+def test_student_notebook_runs_and_fails_only_at_its_exercises(out, chapter):
+    student = out / "student" / chapter.name
+    key = json.loads((out / "autograder" / f"{chapter.stem}.json").read_text())
+    results, executed = ma.grade_notebook(nbformat.read(student, as_version=4), key, student.parent)
+    first = min(i for i, c in enumerate(executed.cells) if "effnb" in c.metadata)
+    for index, cell in enumerate(executed.cells):
+        error = ma.cell_error(cell)
+        if not error:
+            continue
+        role = cell.metadata.get("effnb", {}).get("role")
+        assert index >= first and role, f"cell {index} (not an exercise cell) failed: {error}"
+        assert error.split(":")[0] in STUDENT_ERRORS[role], f"{role} cell {index} failed with {error}"
+    assert [r.earned for r in results] == [0] * len(results), f"a check passes with no solution: {ma.summary(chapter.name, results)}"

@@ -1,0 +1,103 @@
+"""Colab readiness: the package as a wheel, in a fresh virtual environment, runs a chapter.
+
+What Colab does with a chapter: install ``effnb`` (the first cell does it when it is missing), then
+run every cell from a folder that is not the repository. Here the wheel is built with
+``pip wheel --no-deps``, installed into a new venv with ``-c constraints.txt`` (so torch is the CPU
+build on disk; pip's cache makes this one to two minutes), and chapter 0, the cheapest, runs there
+with papermill on the ci profile from a temporary folder, so the source tree is not on sys.path.
+The install cell finds effnb and does nothing; the network stays blocked (EFFNB_BLOCK_NETWORK=1).
+Its executed copy is then graded with chapter 0's answer key: the book's solutions pass the
+autograder on a fresh execution.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import make_assignments as ma  # noqa: E402
+
+CHAPTER = ROOT / "notebooks" / "00_measuring_efficiency.ipynb"
+PROBE = "import sys, effnb\nprint('KERNEL', sys.executable)\nprint('EFFNB', effnb.__file__)"
+
+
+def run(cmd: list[str], cwd: Path, env: dict | None = None, timeout: int = 900) -> str:
+    """Run ``cmd``; fail the test with its output when it fails."""
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"$ {' '.join(cmd)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def clean_env() -> dict:
+    """The environment without this venv's traces, so the fresh venv resolves everything itself."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if ".venv" not in p)
+    return env
+
+
+@pytest.fixture(scope="module")
+def fresh_venv(tmp_path_factory) -> Path:
+    """A new venv with only the effnb wheel (and papermill + ipykernel to run a notebook)."""
+    base = tmp_path_factory.mktemp("colab")
+    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(base / "dist"), str(ROOT)], ROOT)
+    wheels = list((base / "dist").glob("effnb-*.whl"))
+    assert len(wheels) == 1, wheels
+    venv = base / "venv"
+    run([sys.executable, "-m", "venv", str(venv)], base, clean_env())
+    run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+         "-c", str(ROOT / "constraints.txt"), str(wheels[0]), "papermill", "ipykernel"], base, clean_env())
+    return venv
+
+
+def test_wheel_carries_the_package_only(fresh_venv):
+    out = run([str(fresh_venv / "bin" / "python"), "-c", "import effnb, torch; print(effnb.__file__); print(torch.__version__)"],
+              fresh_venv.parent, clean_env())
+    location, torch_version = out.split()
+    assert "site-packages" in location and str(ROOT) not in location
+    assert torch_version.startswith("2.13.0") and "cu" not in torch_version.split("+")[-1]
+
+
+def test_chapter_0_runs_from_the_wheel_outside_the_repository(fresh_venv, tmp_path):
+    workdir = tmp_path / "colab-home"
+    workdir.mkdir()
+    nb = nbformat.read(CHAPTER, as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell(PROBE))
+    nbformat.write(nb, workdir / CHAPTER.name)
+    env = clean_env() | {"EFFNB_BLOCK_NETWORK": "1", "HF_HUB_OFFLINE": "1", "EFFNB_PROGRESS": "0", "MPLBACKEND": "Agg"}
+    run([str(fresh_venv / "bin" / "python"), "-m", "papermill", CHAPTER.name, "executed.ipynb", "-k", "python3",
+         "--no-progress-bar"], workdir, env)
+    executed = nbformat.read(workdir / "executed.ipynb", as_version=4)
+    probe = "".join(o.get("text", "") for o in executed.cells[-1].outputs)
+    assert f"KERNEL {fresh_venv}" in probe, f"the kernel did not run in the fresh venv: {probe}"
+    assert "site-packages" in probe and str(ROOT) not in probe, f"effnb came from the source tree: {probe}"
+    key = ma.answer_key(CHAPTER.stem, ma.parse_exercises(nbformat.read(CHAPTER, as_version=4)))
+    results, _ = ma.grade_notebook(executed, json.loads(json.dumps(key)), workdir, run=False)
+    assert all(r.earned == r.points for r in results), ma.summary(CHAPTER.name, results)
+
+
+# --- the third way to run the book: the full edition on one's own GPU ---------------------------
+
+def test_full_edition_refuses_without_a_gpu_and_reuses_the_book_build(tmp_path, monkeypatch, capsys):
+    import build_book
+    import build_full_edition
+
+    monkeypatch.setenv("EFFNB_REPORT_DIR", str(tmp_path / "claims"))  # build() sets it; restored afterwards
+    monkeypatch.setattr(build_full_edition, "gpu_name", lambda: None)
+    assert build_full_edition.main([]) == 2
+    assert "No CUDA GPU found" in capsys.readouterr().err
+    calls = {}
+    monkeypatch.setattr(build_book.run_notebooks, "main", lambda args: calls.setdefault("run", args) and 0)
+    monkeypatch.setattr(build_book, "render", lambda stage, html: calls.setdefault("render", (stage, html)) and 0)
+    assert build_full_edition.main(["--allow-cpu", "--out", str(tmp_path / "full")]) == 0
+    run_args = calls["run"]
+    assert run_args[run_args.index("--profile") + 1] == "full"
+    assert run_args[run_args.index("--out") + 1] == str(tmp_path / "full" / "executed")
+    assert calls["render"] == (tmp_path / "full" / "src", tmp_path / "full" / "html")
