@@ -107,3 +107,14 @@ def test_no_embedded_image_over_300_kb(nb):
                 if mime.startswith("image/") and mime != "image/svg+xml":
                     size = len(base64.b64decode(payload if isinstance(payload, str) else "".join(payload)))
                     assert size <= MAX_IMAGE_BYTES, f"{mime} of {size / 1024:.0f} KB"
+
+
+def test_papermill_sees_every_parameter(nb):
+    """papermill must parse the parameters cell (a quote in a comment breaks it), or `-p NAME` does nothing."""
+    import ast
+
+    import papermill
+
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    assigned = {t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign) for t in node.targets}
+    assert set(papermill.inspect_notebook(str(nb.path))) == assigned

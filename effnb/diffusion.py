@@ -1,0 +1,521 @@
+r"""Diffusion plumbing shared by the diffusion chapters: models, schedules, one training step
+with a pluggable time-step sampler and loss weights, samplers, an offline sample-quality
+metric, and reference checkpoints.
+
+Everything here is generic; each chapter writes its own method (SpeeD's time-step sampler and
+weights in Chapter 2, quantizers in the PTQ4DiT and QuEST chapters) on top of it.
+
+Notation (DDPM, Ho et al. 2020): a schedule :math:`\beta_1..\beta_T`,
+:math:`\alpha_t = 1-\beta_t`, :math:`\bar\alpha_t = \prod_{s\le t}\alpha_s`, the forward process
+:math:`x_t = \sqrt{\bar\alpha_t}\,x_0 + \sqrt{1-\bar\alpha_t}\,\epsilon` (DDPM eq. 4), and the
+:math:`\epsilon`-prediction loss :math:`\|\epsilon - \epsilon_\theta(x_t, t, y)\|^2` (DDPM eq. 14).
+Time steps are 0-based, ``t = 0 .. T-1``, as in diffusers. Images live in ``[-1, 1]``.
+Introduced in Chapter 2.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DiTTransformer2DModel, UNet2DModel
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from effnb.config import progress_enabled
+from effnb.data import sha256_of
+
+__all__ = [
+    "CHECKPOINT_DIR",
+    "MAKE_SCRIPT",
+    "REFERENCE_NAMES",
+    "SIZES",
+    "SampleQuality",
+    "TimestepSampler",
+    "TrainHistory",
+    "categorical_sampler",
+    "convergence_boundary",
+    "denoising_loss",
+    "denoising_loss_per_timestep",
+    "feature_statistics",
+    "frechet_distance",
+    "load_reference",
+    "make_scheduler",
+    "predict_noise",
+    "process_increment",
+    "sample",
+    "sample_quality",
+    "save_reference",
+    "snr",
+    "tiny_dit",
+    "tiny_unet",
+    "train_diffusion",
+    "train_step",
+    "uniform_sampler",
+    "variance_increment",
+]
+
+Size = Literal["ci", "full"]
+SIZES: tuple[str, ...] = ("ci", "full")
+SCHEDULES: tuple[str, ...] = ("linear", "cosine")
+SCHEDULER_KINDS: tuple[str, ...] = ("ddpm", "ddim")
+
+# A time-step sampler draws ``batch_size`` time steps in [0, T) with the given generator: (B,) int64.
+TimestepSampler = Callable[[int, torch.Generator], torch.Tensor]
+DiffusionModel = DiTTransformer2DModel | UNet2DModel
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not valid; use one of {', '.join(map(repr, allowed))}.")
+
+
+# ----------------------------------------------------------------------------- models
+@dataclass(frozen=True)
+class DiTSize:
+    """Width and depth of a tiny DiT; ``patch_size`` sets the tokens: (H / patch)²."""
+
+    heads: int
+    head_dim: int
+    layers: int
+    patch_size: int
+
+
+# ci: 59k parameters, ~66 steps/s at batch 64 on 2 cores (DESIGN.md); full: 8.0M, 64 tokens at 32×32
+# (about 22 ms per step at batch 128 on an H200, launch-bound).
+_DIT_SIZES = {"ci": DiTSize(heads=2, head_dim=16, layers=2, patch_size=2),
+              "full": DiTSize(heads=4, head_dim=64, layers=6, patch_size=4)}
+
+
+def tiny_dit(size: Size = "ci", sample_size: int | None = None, in_channels: int = 1,
+             num_classes: int = 10) -> DiTTransformer2DModel:
+    r"""A class-conditional DiT (Peebles & Xie 2023) from diffusers, with adaLN-Zero blocks.
+
+    ``size="ci"``: 2 heads × 16, 2 layers, patch 2 (59k parameters at 8×8);
+    ``size="full"``: 4 heads × 64, 6 layers, patch 4 (for 32×32). ``sample_size`` defaults to
+    8 (ci) or 32 (full). Input and output: (B, C, H, W); it predicts :math:`\epsilon`.
+    Note: diffusers' label embedding drops 10% of labels to a null class while training (for
+    classifier-free guidance). Introduced in Chapter 2.
+    """
+    _check_choice("size", size, SIZES)
+    cfg = _DIT_SIZES[size]
+    sample_size = sample_size if sample_size is not None else (8 if size == "ci" else 32)
+    if sample_size % cfg.patch_size:
+        raise ValueError(f"sample_size={sample_size} must be a multiple of the patch size {cfg.patch_size}.")
+    return DiTTransformer2DModel(
+        num_attention_heads=cfg.heads, attention_head_dim=cfg.head_dim, in_channels=in_channels,
+        out_channels=in_channels, num_layers=cfg.layers, sample_size=sample_size,
+        patch_size=cfg.patch_size, num_embeds_ada_norm=num_classes, norm_type="ada_norm_zero")
+
+
+def tiny_unet(size: Size = "ci", sample_size: int | None = None, in_channels: int = 1,
+              num_classes: int = 10) -> UNet2DModel:
+    r"""A class-conditional UNet (Ho et al. 2020) from diffusers: ResNet blocks with a sinusoidal
+    time embedding, self-attention at the lowest resolution, class embedding added to the time one.
+
+    ``size="ci"``: channels (16, 32), attention at H/2 (177k parameters at 8×8);
+    ``size="full"``: channels (64, 128, 128), attention at H/2 and H/4 (for 32×32).
+    Input and output: (B, C, H, W). Introduced in Chapter 2.
+    """
+    _check_choice("size", size, SIZES)
+    sample_size = sample_size if sample_size is not None else (8 if size == "ci" else 32)
+    if size == "ci":
+        channels, down, up = (16, 32), ("DownBlock2D", "AttnDownBlock2D"), ("AttnUpBlock2D", "UpBlock2D")
+    else:
+        channels = (64, 128, 128)
+        down = ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D")
+        up = ("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")
+    return UNet2DModel(
+        sample_size=sample_size, in_channels=in_channels, out_channels=in_channels,
+        block_out_channels=channels, layers_per_block=1, down_block_types=down, up_block_types=up,
+        norm_num_groups=8, attention_head_dim=8, num_class_embeds=num_classes)
+
+
+def predict_noise(model: DiffusionModel, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    r""":math:`\epsilon_\theta(x_t, t, y)` for a diffusers DiT or UNet: x_t (B, C, H, W), t (B,), y (B,)."""
+    if isinstance(model, DiTTransformer2DModel):
+        return model(x_t, timestep=t, class_labels=y).sample
+    if isinstance(model, UNet2DModel):
+        return model(x_t, t, class_labels=y).sample
+    raise TypeError(f"predict_noise needs a DiTTransformer2DModel or UNet2DModel, not {type(model).__name__}.")
+
+
+# -------------------------------------------------------------------------- schedules
+def make_scheduler(schedule: str = "linear", kind: str = "ddpm",
+                   num_train_timesteps: int = 1000) -> DDPMScheduler | DDIMScheduler:
+    r"""A diffusers scheduler: ``schedule`` "linear" (DDPM: :math:`\beta` from 1e-4 to 0.02) or
+    "cosine" (Nichol & Dhariwal 2021); ``kind`` "ddpm" (training, ancestral sampling) or "ddim"
+    (deterministic sampling in few steps, Song et al. 2021). Introduced in Chapter 2.
+    """
+    _check_choice("schedule", schedule, SCHEDULES)
+    _check_choice("kind", kind, SCHEDULER_KINDS)
+    beta_schedule = "linear" if schedule == "linear" else "squaredcos_cap_v2"
+    common = dict(num_train_timesteps=num_train_timesteps, beta_start=1e-4, beta_end=0.02,
+                  beta_schedule=beta_schedule, clip_sample=True, prediction_type="epsilon")
+    if kind == "ddpm":
+        return DDPMScheduler(**common)
+    return DDIMScheduler(**common, set_alpha_to_one=False)
+
+
+def _alphas_cumprod(scheduler) -> torch.Tensor:
+    return scheduler.alphas_cumprod.double()  # (T,)
+
+
+def process_increment(scheduler) -> torch.Tensor:
+    r"""How far the noise level moves per step: :math:`\Delta_t = \sqrt{1-\bar\alpha_t} -
+    \sqrt{1-\bar\alpha_{t-1}}` with :math:`\bar\alpha_{-1} = 1`; shape (T,), float64.
+
+    SpeeD (Wang et al. 2024) reads the acceleration, deceleration and convergence areas off it.
+    Introduced in Chapter 2.
+    """
+    std = torch.sqrt(1.0 - _alphas_cumprod(scheduler))
+    return torch.diff(std, prepend=torch.zeros(1, dtype=std.dtype))
+
+
+def variance_increment(scheduler) -> torch.Tensor:
+    r""":math:`g(t) = (1-\bar\alpha_t) - (1-\bar\alpha_{t-1})` with :math:`\bar\alpha_{-1} = 1`;
+    shape (T,), float64. SpeeD's change-aware weights normalise it. Introduced in Chapter 2.
+    """
+    var = 1.0 - _alphas_cumprod(scheduler)
+    return torch.diff(var, prepend=torch.zeros(1, dtype=var.dtype))
+
+
+def convergence_boundary(scheduler, threshold: float = 1e-4) -> int:
+    r"""The first time step m whose process increment falls below ``threshold``:
+    :math:`m = \min\{t : \Delta_t < \text{threshold}\}` (642 for the linear schedule, T = 1000).
+
+    Raises ``ValueError`` if no step qualifies. Introduced in Chapter 2.
+    """
+    below = torch.nonzero(process_increment(scheduler) < threshold)
+    if len(below) == 0:
+        raise ValueError(f"no time step has a process increment below threshold={threshold}; raise it.")
+    return int(below[0])
+
+
+def snr(scheduler) -> torch.Tensor:
+    r"""Signal-to-noise ratio :math:`\bar\alpha_t / (1-\bar\alpha_t)` per time step; (T,), float64."""
+    ab = _alphas_cumprod(scheduler)
+    return ab / (1.0 - ab)
+
+
+def uniform_sampler(num_train_timesteps: int = 1000) -> TimestepSampler:
+    """The standard DDPM time-step sampler, t ~ U{0, .., T-1}. Introduced in Chapter 2."""
+
+    def draw(batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.randint(0, num_train_timesteps, (batch_size,), generator=generator)
+
+    return draw
+
+
+def categorical_sampler(probs: torch.Tensor) -> TimestepSampler:
+    """Draw t with P(t) = probs[t]; ``probs`` (T,) non-negative, normalised here. Introduced in Chapter 2."""
+    probs = torch.as_tensor(probs, dtype=torch.float64)
+    if probs.ndim != 1 or bool((probs < 0).any()) or float(probs.sum()) <= 0:
+        raise ValueError("probs must be a 1-D tensor of non-negative numbers with a positive sum.")
+    probs = probs / probs.sum()
+
+    def draw(batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.multinomial(probs, batch_size, replacement=True, generator=generator)
+
+    return draw
+
+
+# --------------------------------------------------------------------------- training
+def _per_sample_mse(model: DiffusionModel, scheduler, x0: torch.Tensor, y: torch.Tensor,
+                    t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    x_t = scheduler.add_noise(x0, noise, t)                    # DDPM eq. 4, (B, C, H, W)
+    eps_hat = predict_noise(model, x_t, t, y)                  # (B, C, H, W)
+    return (eps_hat - noise).pow(2).flatten(1).mean(dim=1)     # DDPM eq. 14 per sample, (B,)
+
+
+def train_step(model: DiffusionModel, optimizer: torch.optim.Optimizer, scheduler, x0: torch.Tensor,
+               y: torch.Tensor, *, timestep_sampler: TimestepSampler,
+               loss_weights: torch.Tensor | None = None, generator: torch.Generator) -> float:
+    r"""One optimiser step on :math:`\frac1B\sum_b w(t_b)\,\|\epsilon_b - \epsilon_\theta(x_{t_b}, t_b, y_b)\|^2`.
+
+    x0 (B, C, H, W) in [-1, 1] and y (B,) on the model's device; ``timestep_sampler`` draws
+    t (B,); ``loss_weights`` (T,) gives w(t) (``None``: all ones). Noise and time steps come from
+    ``generator`` (a CPU generator), so two arms with the same seed see the same noise.
+    Returns the weighted loss. Introduced in Chapter 2.
+    """
+    device = x0.device
+    t = timestep_sampler(x0.shape[0], generator)                          # (B,)
+    noise = torch.randn(x0.shape, generator=generator).to(device)         # (B, C, H, W)
+    per_sample = _per_sample_mse(model, scheduler, x0, y, t.to(device), noise)
+    weights = torch.ones_like(per_sample) if loss_weights is None else loss_weights[t].to(per_sample)
+    loss = (weights * per_sample).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def denoising_loss(model: DiffusionModel, scheduler, x0: torch.Tensor, y: torch.Tensor,
+                   *, seed: int = 0, repeats: int = 4, batch_size: int = 512) -> float:
+    r"""Held-out :math:`\mathbb E_{t\sim U, \epsilon}\|\epsilon - \epsilon_\theta(x_t,t,y)\|^2`, unweighted,
+    with time steps and noise fixed by ``seed`` (the same for every model). x0 (N, C, H, W), y (N,).
+
+    ``repeats`` draws of (t, noise) per image lower the variance. Introduced in Chapter 2.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    T = scheduler.config.num_train_timesteps
+    for _ in range(repeats):
+        for start in range(0, len(x0), batch_size):
+            xb, yb = x0[start:start + batch_size], y[start:start + batch_size]
+            t = torch.randint(0, T, (len(xb),), generator=generator)
+            noise = torch.randn(xb.shape, generator=generator).to(xb.device)
+            total += float(_per_sample_mse(model, scheduler, xb, yb, t.to(xb.device), noise).sum())
+            count += len(xb)
+    model.train(was_training)
+    return total / count
+
+
+@torch.no_grad()
+def denoising_loss_per_timestep(model: DiffusionModel, scheduler, x0: torch.Tensor, y: torch.Tensor,
+                                timesteps: list[int] | torch.Tensor, *, seed: int = 0) -> torch.Tensor:
+    r"""Held-out :math:`\mathbb E_\epsilon\|\epsilon - \epsilon_\theta(x_t,t,y)\|^2` at each given t,
+    every image noised once per t with noise fixed by ``seed``; x0 (N, C, H, W) -> (len(timesteps),).
+
+    Shows where in t a model is still learning (Chapter 2) or where quantization hurts.
+    Introduced in Chapter 2.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)      # (N, C, H, W), shared by all t
+    was_training = model.training
+    model.eval()
+    out = []
+    for t in torch.as_tensor(timesteps, dtype=torch.long).tolist():
+        t_batch = torch.full((len(x0),), t, dtype=torch.long, device=x0.device)
+        out.append(float(_per_sample_mse(model, scheduler, x0, y, t_batch, noise).mean()))
+    model.train(was_training)
+    return torch.tensor(out)
+
+
+@dataclass
+class TrainHistory:
+    """What :func:`train_diffusion` measured: the loss per step, evaluations and time per step."""
+
+    losses: list[float] = field(default_factory=list)
+    eval_steps: list[int] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    seconds_per_step: float = 0.0
+
+
+def train_diffusion(model: DiffusionModel, scheduler, x: torch.Tensor, y: torch.Tensor, *, steps: int,
+                    batch_size: int = 64, lr: float = 1e-3, timestep_sampler: TimestepSampler | None = None,
+                    loss_weights: torch.Tensor | None = None, seed: int = 0, eval_every: int = 0,
+                    evaluate: Callable[[DiffusionModel, int], dict] | None = None,
+                    desc: str = "train") -> TrainHistory:
+    r"""Train ``model`` for ``steps`` AdamW steps on x (N, C, H, W) in [-1, 1], y (N,).
+
+    Batches, noise and time steps come from one generator seeded with ``seed``; torch's global
+    seed is reset too (the DiT's label dropout draws from it), so arms differ only in their
+    sampler and weights. ``evaluate(model, step)`` runs at step 0, every ``eval_every`` steps and
+    at the end; its time is excluded from ``seconds_per_step``. Introduced in Chapter 2.
+    """
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps={steps} and batch_size={batch_size} must both be at least 1.")
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    sampler = timestep_sampler or uniform_sampler(scheduler.config.num_train_timesteps)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    history, train_seconds = TrainHistory(), 0.0
+    model.train()
+    for step in tqdm(range(steps + 1), desc=desc, disable=not progress_enabled(), mininterval=1.0):
+        if evaluate is not None and (step == steps or (eval_every and step % eval_every == 0)):
+            history.eval_steps.append(step)
+            history.evals.append(evaluate(model, step))
+            model.train()
+        if step == steps:
+            break
+        start = time.perf_counter()
+        index = torch.randint(0, len(x), (batch_size,), generator=generator).to(x.device)
+        history.losses.append(train_step(model, optimizer, scheduler, x[index], y[index],
+                                         timestep_sampler=sampler, loss_weights=loss_weights,
+                                         generator=generator))
+        train_seconds += time.perf_counter() - start
+    history.seconds_per_step = train_seconds / steps
+    return history
+
+
+# ---------------------------------------------------------------------------- sampling
+@torch.no_grad()
+def sample(model: DiffusionModel, scheduler, labels: torch.Tensor, *, num_inference_steps: int = 20,
+           seed: int = 0, batch_size: int = 500) -> torch.Tensor:
+    r"""Class-conditional samples (N, C, H, W) in [-1, 1] for ``labels`` (N,).
+
+    ``scheduler`` is a DDIM scheduler (deterministic, few steps) or a DDPM one (ancestral);
+    its timesteps are reset here. Starts from :math:`x_T\sim\mathcal N(0, I)` drawn with ``seed``.
+    Introduced in Chapter 2.
+    """
+    if num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps={num_inference_steps} must be at least 1.")
+    cfg = model.config
+    size, channels = cfg.sample_size, cfg.in_channels
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    scheduler.set_timesteps(num_inference_steps)
+    chunks = []
+    for start in range(0, len(labels), batch_size):
+        y = labels[start:start + batch_size].to(device)
+        x = torch.randn((len(y), channels, size, size), generator=generator).to(device)  # x_T
+        for t in scheduler.timesteps:
+            eps = predict_noise(model, x, t.expand(len(y)).to(device), y)
+            x = scheduler.step(eps, t, x, generator=generator).prev_sample
+        chunks.append(x.clamp(-1, 1).cpu())
+    model.train(was_training)
+    return torch.cat(chunks)
+
+
+# -------------------------------------------------------------------- quality metric
+def feature_statistics(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (F,) and covariance (F, F) of features (N, F), in float64."""
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2 or len(f) < 2:
+        raise ValueError(f"features must have shape (N, F) with N >= 2, not {tuple(f.shape)}.")
+    return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    r"""Fréchet distance between Gaussians (Dowson & Landau 1982; Heusel et al. 2017, the FID formula):
+
+    :math:`d^2 = \|\mu_1-\mu_2\|^2 + \operatorname{Tr}\big(\Sigma_1 + \Sigma_2 - 2(\Sigma_1\Sigma_2)^{1/2}\big)`.
+
+    :math:`\operatorname{Tr}(\Sigma_1\Sigma_2)^{1/2} = \sum_i \sqrt{\lambda_i}` over the eigenvalues
+    of :math:`\Sigma_1\Sigma_2` (real and non-negative for covariances; rounding noise is clipped).
+    Introduced in Chapter 2.
+    """
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"shapes differ: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}.")
+    eigenvalues = np.linalg.eigvals(sigma1 @ sigma2).real.clip(min=0.0)
+    trace_sqrt = float(np.sqrt(eigenvalues).sum())
+    value = float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt)
+    return max(value, 0.0)
+
+
+@dataclass(frozen=True)
+class SampleQuality:
+    r"""Offline sample quality: ``frechet`` is the Fréchet distance between the classifier's features
+    of samples and of held-out real images (lower is better); ``accuracy`` is the fraction of
+    class-conditional samples the classifier labels as the class they were asked for.
+
+    Not Inception-FID: the features come from a small classifier this repository trains on the
+    same data (Inception-v3 needs a download and sees 299×299 photos, not 8×8 digits), so values
+    are comparable only within this book, between models scored with the same classifier.
+    """
+
+    frechet: float
+    accuracy: float
+
+
+@torch.no_grad()
+def sample_quality(classifier: torch.nn.Module, samples: torch.Tensor, labels: torch.Tensor,
+                   reference: tuple[np.ndarray, np.ndarray]) -> SampleQuality:
+    """Score samples (N, C, H, W) in [-1, 1] asked for ``labels`` (N,) against ``reference`` =
+    :func:`feature_statistics` of real held-out images' features. The classifier takes images in
+    [0, 1] and has ``.features(x) -> (B, F)``. Introduced in Chapter 2.
+    """
+    classifier.eval()
+    device = next(classifier.parameters()).device
+    images = ((samples + 1.0) / 2.0).to(device)                     # [-1, 1] -> [0, 1]
+    features = classifier.features(images).cpu()                    # (N, F)
+    predicted = classifier(images).argmax(dim=1).cpu()              # (N,)
+    mu, sigma = feature_statistics(features)
+    return SampleQuality(frechet=frechet_distance(mu, sigma, *reference),
+                         accuracy=float((predicted == labels.cpu()).float().mean()))
+
+
+# ------------------------------------------------------------------------- checkpoints
+CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "data" / "checkpoints"
+MAKE_SCRIPT = "python scripts/make_diffusion_checkpoints.py"
+REFERENCE_NAMES: tuple[str, ...] = ("dit_digits8", "unet_digits8", "classifier_digits8")
+_MANIFEST = "SHA256SUMS"
+
+
+def _read_manifest(directory: Path) -> dict[str, str]:
+    path = directory / _MANIFEST
+    if not path.exists():
+        return {}
+    rows = (line.split() for line in path.read_text().splitlines() if line.strip())
+    return {name: digest for digest, name in rows}
+
+
+def _model_kind(model: torch.nn.Module) -> str:
+    if isinstance(model, DiTTransformer2DModel):
+        return "dit"
+    if isinstance(model, UNet2DModel):
+        return "unet"
+    return "classifier"
+
+
+def save_reference(model: torch.nn.Module, name: str, metadata: dict[str, str] | None = None,
+                   directory: Path | str = CHECKPOINT_DIR, config: dict | None = None) -> str:
+    """Save ``model`` as ``<directory>/<name>.safetensors`` with its config, and record its
+    sha256 in ``<directory>/SHA256SUMS`` (``sha256sum -c`` format). Returns the sha256.
+
+    diffusers models carry their config; pass ``config`` (constructor keyword arguments) for an
+    ``effnb.models.SmallCNN`` classifier. Introduced in Chapter 2.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    kind = _model_kind(model)
+    if kind == "classifier" and config is None:
+        raise ValueError("save_reference needs config=... (the SmallCNN keyword arguments) for a classifier.")
+    model_config = dict(model.config) if kind != "classifier" else config
+    header = {"kind": kind, "config": json.dumps(model_config, default=list), **(metadata or {})}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    path = directory / f"{name}.safetensors"
+    save_file(tensors, str(path), metadata={k: str(v) for k, v in header.items()})
+    digests = _read_manifest(directory) | {path.name: sha256_of(path)}
+    (directory / _MANIFEST).write_text("".join(f"{d}  {n}\n" for n, d in sorted(digests.items())))
+    return digests[path.name]
+
+
+def _build(kind: str, config: dict) -> torch.nn.Module:
+    if kind == "dit":
+        return DiTTransformer2DModel.from_config(config)
+    if kind == "unet":
+        return UNet2DModel.from_config(config)
+    from effnb.models import SmallCNN  # layer 3; imported here so the rest works without it
+
+    return SmallCNN(**config)
+
+
+def load_reference(name: str, directory: Path | str = CHECKPOINT_DIR,
+                   device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, str]]:
+    """Load a reference checkpoint after checking its sha256; returns ``(model in eval mode, metadata)``.
+
+    ``name`` is one of :data:`REFERENCE_NAMES` (or any name saved with :func:`save_reference` in
+    ``directory``). A missing or corrupt file raises an error that names the script re-creating it.
+    Introduced in Chapter 2.
+    """
+    directory = Path(directory)
+    path = directory / f"{name}.safetensors"
+    if directory == CHECKPOINT_DIR and name not in REFERENCE_NAMES:
+        raise ValueError(f"no reference checkpoint {name!r}; use one of {', '.join(map(repr, REFERENCE_NAMES))}.")
+    expected = _read_manifest(directory).get(path.name)
+    if not path.exists() or expected is None:
+        raise FileNotFoundError(f"Checkpoint {path} or its sha256 entry is missing; re-create it with `{MAKE_SCRIPT}`.")
+    actual = sha256_of(path)
+    if actual != expected:
+        raise ValueError(f"Checkpoint {path} is corrupt (sha256 {actual[:12]}… instead of "
+                         f"{expected[:12]}…); re-create it with `{MAKE_SCRIPT}`.")
+    tensors = load_file(str(path))
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata() or {})
+    model = _build(metadata["kind"], json.loads(metadata["config"]))
+    model.load_state_dict(tensors)
+    return model.to(device).eval(), metadata

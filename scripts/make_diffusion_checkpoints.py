@@ -1,0 +1,72 @@
+"""Re-create the reference diffusion checkpoints in data/checkpoints/ (a few minutes on 2 CPU cores).
+
+    python scripts/make_diffusion_checkpoints.py            # all three
+    python scripts/make_diffusion_checkpoints.py --only dit_digits8
+
+Writes ``dit_digits8``, ``unet_digits8`` (class-conditional, digits 8×8 in [-1, 1], linear DDPM
+schedule, T = 1000, uniform time steps) and ``classifier_digits8`` (the feature classifier of the
+offline sample-quality metric, on digits 8×8 in [0, 1]) as safetensors, and their sha256 in
+``data/checkpoints/SHA256SUMS``. Later chapters load them with ``effnb.diffusion.load_reference``.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from effnb import diffusion as D
+from effnb.config import seed_everything
+from effnb.data import load_digits
+from effnb.models import SmallCNN
+from effnb.train import evaluate, fit
+
+SEED = 0
+CLASSIFIER = {"in_channels": 1, "num_classes": 10, "width": 16}
+
+
+def make_classifier() -> None:
+    split = load_digits(size=8, seed=SEED)
+    seed_everything(SEED)
+    model = SmallCNN(**CLASSIFIER)
+    fit(model, split.x_train, split.y_train, epochs=40, batch_size=64, lr=3e-3, seed=SEED, desc="classifier")
+    accuracy = evaluate(model, split.x_test, split.y_test).overall
+    digest = D.save_reference(model, "classifier_digits8", config=CLASSIFIER, metadata={
+        "data": "digits 8x8 in [0, 1], load_digits(size=8, seed=0) train split",
+        "test_accuracy": f"{accuracy:.4f}", "epochs": "40", "seed": str(SEED)})
+    print(f"classifier_digits8: test accuracy {accuracy:.3f}, sha256 {digest}")
+
+
+def make_diffusion(name: str, model: torch.nn.Module, steps: int, lr: float) -> None:
+    split = load_digits(size=8, seed=SEED)
+    x, y = split.x_train * 2 - 1, split.y_train                   # (N, 1, 8, 8) in [-1, 1]
+    scheduler = D.make_scheduler("linear")
+    start = time.perf_counter()
+    D.train_diffusion(model, scheduler, x, y, steps=steps, batch_size=64, lr=lr, seed=SEED, desc=name)
+    loss = D.denoising_loss(model, scheduler, split.x_test * 2 - 1, split.y_test)
+    digest = D.save_reference(model, name, metadata={
+        "data": "digits 8x8 in [-1, 1], load_digits(size=8, seed=0) train split",
+        "schedule": "linear DDPM, T=1000, epsilon prediction, uniform time steps",
+        "steps": str(steps), "batch_size": "64", "lr": str(lr), "seed": str(SEED),
+        "held_out_loss": f"{loss:.4f}"})
+    print(f"{name}: {steps} steps in {time.perf_counter() - start:.0f} s, held-out loss {loss:.4f}, sha256 {digest}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=D.REFERENCE_NAMES, help="re-create only this checkpoint")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    names = [args.only] if args.only else list(D.REFERENCE_NAMES)
+    if "classifier_digits8" in names:
+        make_classifier()
+    if "dit_digits8" in names:
+        seed_everything(SEED)
+        make_diffusion("dit_digits8", D.tiny_dit("ci"), steps=4000, lr=1e-3)
+    if "unet_digits8" in names:
+        seed_everything(SEED)
+        make_diffusion("unet_digits8", D.tiny_unet("ci"), steps=2000, lr=1e-3)
+
+
+if __name__ == "__main__":
+    main()

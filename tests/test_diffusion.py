@@ -1,0 +1,235 @@
+"""Tests of effnb.diffusion: schedules, samplers, the train step, the metric and checkpoints."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from effnb import diffusion as D
+from effnb.models import SmallCNN
+
+
+@pytest.fixture(scope="module")
+def linear():
+    return D.make_scheduler("linear")
+
+
+# ------------------------------------------------------------------ schedules
+def test_boundary_is_642_for_the_linear_schedule(linear):
+    assert D.convergence_boundary(linear) == 642
+
+
+def test_boundary_pinned_for_the_cosine_schedule():
+    assert D.convergence_boundary(D.make_scheduler("cosine")) == 959
+
+
+def test_process_increment_matches_the_definition(linear):
+    ab = linear.alphas_cumprod.double()
+    inc = D.process_increment(linear)
+    assert inc.shape == (1000,)
+    assert torch.isclose(inc[0], torch.sqrt(1 - ab[0]))
+    assert torch.allclose(inc[1:], torch.sqrt(1 - ab[1:]) - torch.sqrt(1 - ab[:-1]))
+    assert torch.allclose(D.process_increment(linear).cumsum(0)[-1], torch.sqrt(1 - ab[-1]))
+
+
+def test_variance_increment_peaks_at_219(linear):
+    assert int(D.variance_increment(linear).argmax()) == 219
+
+
+def test_snr_is_decreasing(linear):
+    s = D.snr(linear)
+    assert bool((s[1:] < s[:-1]).all())
+
+
+def test_change_aware_weight_range_built_from_variance_increment(linear):
+    # SpeeD's weights (chapter 2): w = (1 - lam) + (2 lam - 1) g_hat below tau, 1 above.
+    g = D.variance_increment(linear)
+    g_hat = (g - g.min()) / (g.max() - g.min())
+    lam, tau = 0.6, 700
+    w = torch.where(torch.arange(1000) < tau, (1 - lam) + (2 * lam - 1) * g_hat, torch.ones_like(g_hat))
+    assert 0.4 - 1e-9 <= float(w[:tau].min()) and float(w[:tau].max()) <= 0.6 + 1e-9
+    assert int(w[:tau].argmax()) == 219
+    assert bool((w[tau:] == 1).all())
+
+
+def test_scheduler_errors_name_valid_values():
+    with pytest.raises(ValueError, match="schedule='sigmoid' is not valid; use one of 'linear', 'cosine'"):
+        D.make_scheduler("sigmoid")
+    with pytest.raises(ValueError, match="kind='euler' is not valid; use one of 'ddpm', 'ddim'"):
+        D.make_scheduler("linear", kind="euler")
+    with pytest.raises(ValueError, match="no time step has a process increment below threshold=1e-09"):
+        D.convergence_boundary(D.make_scheduler("linear"), threshold=1e-9)
+
+
+# ------------------------------------------------------------------- samplers
+def test_uniform_sampler_range_and_determinism():
+    draw = D.uniform_sampler(1000)
+    a = draw(10_000, torch.Generator().manual_seed(0))
+    b = draw(10_000, torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and a.dtype == torch.int64
+    assert int(a.min()) >= 0 and int(a.max()) <= 999
+    assert abs(float((a < 500).float().mean()) - 0.5) < 0.02
+
+
+def test_categorical_sampler_asymmetric_probabilities():
+    # SpeeD's asymmetric sampling: P(t) proportional to k = 5 below tau = 700 -> P(t < tau) = 3500/3800.
+    probs = torch.where(torch.arange(1000) < 700, 5.0, 1.0)
+    assert abs(float(probs[:700].sum() / probs.sum()) - 0.921) < 1e-3
+    t = D.categorical_sampler(probs)(40_000, torch.Generator().manual_seed(0))
+    assert abs(float((t < 700).float().mean()) - 0.921) < 0.005
+
+
+def test_categorical_sampler_rejects_bad_probabilities():
+    with pytest.raises(ValueError, match="probs must be a 1-D tensor of non-negative numbers"):
+        D.categorical_sampler(torch.tensor([0.5, -0.1]))
+    with pytest.raises(ValueError, match="positive sum"):
+        D.categorical_sampler(torch.zeros(10))
+
+
+# --------------------------------------------------------------------- models
+def test_models_shapes_and_sizes():
+    dit, unet = D.tiny_dit("ci"), D.tiny_unet("ci")
+    assert 40_000 < sum(p.numel() for p in dit.parameters()) < 80_000
+    assert sum(p.numel() for p in unet.parameters()) < 300_000
+    x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([0, 500, 999]), torch.tensor([0, 4, 9])
+    for model in (dit, unet):
+        assert D.predict_noise(model, x, t, y).shape == (3, 1, 8, 8)
+
+
+def test_model_errors_name_valid_values():
+    with pytest.raises(ValueError, match="size='huge' is not valid; use one of 'ci', 'full'"):
+        D.tiny_dit("huge")
+    with pytest.raises(ValueError, match="size='huge' is not valid"):
+        D.tiny_unet("huge")
+    with pytest.raises(ValueError, match="sample_size=7 must be a multiple of the patch size 2"):
+        D.tiny_dit("ci", sample_size=7)
+    with pytest.raises(TypeError, match="needs a DiTTransformer2DModel or UNet2DModel, not Linear"):
+        D.predict_noise(torch.nn.Linear(2, 2), torch.zeros(1, 2), torch.zeros(1), torch.zeros(1))
+
+
+# --------------------------------------------------------------------- training
+def _tiny_batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(16, 1, 8, 8, generator=g) * 2 - 1, torch.randint(0, 10, (16,), generator=g)
+
+
+def test_train_step_zero_weights_give_zero_loss(linear):
+    torch.manual_seed(0)
+    model = D.tiny_dit("ci")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, y = _tiny_batch()
+    loss = D.train_step(model, opt, linear, x, y, timestep_sampler=D.uniform_sampler(),
+                        loss_weights=torch.zeros(1000), generator=torch.Generator().manual_seed(0))
+    assert loss == 0.0
+
+
+def test_train_step_weights_scale_the_loss(linear):
+    x, y = _tiny_batch()
+    losses = []
+    for scale in (1.0, 2.0):
+        torch.manual_seed(0)
+        model = D.tiny_dit("ci")
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        losses.append(D.train_step(model, opt, linear, x, y, timestep_sampler=D.uniform_sampler(),
+                                   loss_weights=torch.full((1000,), scale),
+                                   generator=torch.Generator().manual_seed(0)))
+    assert losses[1] == pytest.approx(2 * losses[0], rel=1e-5)
+
+
+def test_train_diffusion_lowers_held_out_loss_and_samples(linear):
+    torch.manual_seed(0)
+    model = D.tiny_dit("ci")
+    x, y = _tiny_batch()
+    before = D.denoising_loss(model, linear, x, y, repeats=2)
+    history = D.train_diffusion(model, linear, x, y, steps=30, batch_size=16, lr=3e-3, eval_every=10,
+                                evaluate=lambda m, s: {"step": s})
+    assert history.eval_steps == [0, 10, 20, 30] and len(history.losses) == 30
+    assert D.denoising_loss(model, linear, x, y, repeats=2) < before
+    per_t = D.denoising_loss_per_timestep(model, linear, x, y, [0, 500, 999])
+    assert per_t.shape == (3,) and bool((per_t > 0).all())
+    images = D.sample(model, D.make_scheduler(kind="ddim"), torch.arange(4), num_inference_steps=3)
+    assert images.shape == (4, 1, 8, 8) and float(images.abs().max()) <= 1.0
+    with pytest.raises(ValueError, match="steps=0 and batch_size=16 must both be at least 1"):
+        D.train_diffusion(model, linear, x, y, steps=0, batch_size=16)
+    with pytest.raises(ValueError, match="num_inference_steps=0 must be at least 1"):
+        D.sample(model, linear, torch.arange(2), num_inference_steps=0)
+
+
+# ------------------------------------------------------------------------ metric
+def test_frechet_of_identical_features_is_zero():
+    f = np.random.default_rng(0).normal(size=(200, 8))
+    assert D.frechet_distance(*D.feature_statistics(f), *D.feature_statistics(f)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_frechet_matches_scipy_sqrtm_reference():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(300, 6)), rng.normal(loc=0.5, scale=2.0, size=(300, 6))
+    (m1, s1), (m2, s2) = D.feature_statistics(a), D.feature_statistics(b)
+    reference = ((m1 - m2) ** 2).sum() + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
+    assert D.frechet_distance(m1, s1, m2, s2) == pytest.approx(reference, rel=1e-6)
+
+
+def test_frechet_of_shifted_gaussians_is_squared_shift():
+    s = np.eye(3)
+    assert D.frechet_distance(np.zeros(3), s, np.full(3, 2.0), s) == pytest.approx(12.0)
+
+
+def test_metric_errors():
+    with pytest.raises(ValueError, match=r"features must have shape \(N, F\) with N >= 2, not \(1, 3\)"):
+        D.feature_statistics(np.zeros((1, 3)))
+    with pytest.raises(ValueError, match="shapes differ"):
+        D.frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
+
+
+def test_sample_quality_of_real_images_is_near_perfect():
+    torch.manual_seed(0)
+    clf = SmallCNN(width=4).eval()
+    x = torch.rand(64, 1, 8, 8)
+    with torch.no_grad():
+        labels = clf(x).argmax(1)
+        ref = D.feature_statistics(clf.features(x))
+    quality = D.sample_quality(clf, x * 2 - 1, labels, ref)
+    assert quality.accuracy == 1.0 and quality.frechet == pytest.approx(0.0, abs=1e-6)
+
+
+# ------------------------------------------------------------------- checkpoints
+def test_checkpoint_round_trip_dit_unet_and_classifier(tmp_path):
+    torch.manual_seed(0)
+    models = {"dit": D.tiny_dit("ci"), "unet": D.tiny_unet("ci"), "clf": SmallCNN(width=4)}
+    for name, model in models.items():
+        config = {"width": 4} if name == "clf" else None
+        D.save_reference(model, name, {"steps": "0"}, directory=tmp_path, config=config)
+    manifest = (tmp_path / "SHA256SUMS").read_text().splitlines()
+    assert [line.split()[1] for line in manifest] == ["clf.safetensors", "dit.safetensors", "unet.safetensors"]
+    for name, model in models.items():
+        loaded, meta = D.load_reference(name, directory=tmp_path)
+        assert meta["steps"] == "0" and type(loaded) is type(model)
+        for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+            assert torch.equal(a, b), k
+
+
+def test_checkpoint_errors_name_the_script(tmp_path):
+    torch.manual_seed(0)
+    D.save_reference(D.tiny_dit("ci"), "dit", directory=tmp_path)
+    with pytest.raises(FileNotFoundError, match="re-create it with `python scripts/make_diffusion_checkpoints.py`"):
+        D.load_reference("absent", directory=tmp_path)
+    path = tmp_path / "dit.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"is corrupt \(sha256 .*re-create it with `python scripts/make_diffusion"):
+        D.load_reference("dit", directory=tmp_path)
+    with pytest.raises(ValueError, match="no reference checkpoint 'nope'; use one of 'dit_digits8'"):
+        D.load_reference("nope")
+    with pytest.raises(ValueError, match="needs config=... .* for a classifier"):
+        D.save_reference(SmallCNN(width=4), "clf", directory=tmp_path)
+
+
+@pytest.mark.parametrize("name", D.REFERENCE_NAMES)
+def test_stored_reference_checkpoints_verify_and_load(name):
+    if not (D.CHECKPOINT_DIR / f"{name}.safetensors").exists():
+        pytest.skip(f"run `{D.MAKE_SCRIPT}` to create the reference checkpoints")
+    model, meta = D.load_reference(name)
+    assert not model.training and "kind" in meta
+    assert (D.CHECKPOINT_DIR / f"{name}.safetensors").stat().st_size < 3_000_000
