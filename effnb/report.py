@@ -67,17 +67,22 @@ def _cell(text: str) -> str:
 
 
 def claims_markdown(claims: list[Claim]) -> str:
-    """A Markdown table of ``claims``: chapter, claim, paper, ours, reproduced, note."""
+    """Markdown for the report page: a per-chapter summary, then one row per claim.
+
+    The detail table puts the verdict right after the claim so that it stays visible on narrow screens.
+    """
     if not claims:
         return "No chapter has recorded a claim yet.\n"
-    lines = [
-        "| chapter | claim | paper | this run | reproduced | note |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
+    done = sum(c.reproduced for c in claims)
+    chapters: dict[str, list[Claim]] = {}
+    for c in claims:
+        chapters.setdefault(c.chapter, []).append(c)
+    lines = [f"{done} of {len(claims)} claims reproduced.", "", "| chapter | claims | reproduced |", "| --- | ---: | ---: |"]
+    lines += [f"| {_cell(ch)} | {len(cs)} | {sum(c.reproduced for c in cs)} |" for ch, cs in chapters.items()]
+    lines += ["", "| chapter | claim | reproduced | paper | this run | note |", "| --- | --- | --- | --- | --- | --- |"]
     for c in claims:
         mark = "yes" if c.reproduced else "**no**"
         lines.append(
-            f"| {_cell(c.chapter)} | {_cell(c.claim)} | {_cell(c.paper)} | {_cell(c.ours)} | {mark} | {_cell(c.note)} |"
+            f"| {_cell(c.chapter)} | {_cell(c.claim)} | {mark} | {_cell(c.paper)} | {_cell(c.ours)} | {_cell(c.note)} |"
         )
-    done = sum(c.reproduced for c in claims)
-    return "\n".join(lines) + f"\n\n{done} of {len(claims)} claims reproduced.\n"
+    return "\n".join(lines) + "\n"

@@ -65,5 +65,5 @@ def test_book_staging_and_report_page(tmp_path, monkeypatch):
     record_claim("00_measuring_efficiency", "a claim", "1", "1", True)
     build_book.write_report()
     page = (tmp_path / "src" / "book" / "reproduction.md").read_text()
-    assert "| 00_measuring_efficiency | a claim | 1 | 1 | yes |  |" in page
+    assert "| 00_measuring_efficiency | a claim | yes | 1 | 1 |  |" in page
     assert "<!-- CLAIMS TABLE -->" not in page
