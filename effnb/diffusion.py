@@ -136,13 +136,19 @@ def tiny_unet(size: Size = "ci", sample_size: int | None = None, in_channels: in
         norm_num_groups=8, attention_head_dim=8, num_class_embeds=num_classes)
 
 
-def predict_noise(model: DiffusionModel, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    r""":math:`\epsilon_\theta(x_t, t, y)` for a diffusers DiT or UNet: x_t (B, C, H, W), t (B,), y (B,)."""
+def predict_noise(model: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    r""":math:`\epsilon_\theta(x_t, t, y)`: x_t (B, ...) -> (B, ...), t (B,), y (B,).
+
+    diffusers' DiT and UNet are called with their own keywords; any other ``nn.Module`` (e.g. the
+    2-D toy denoiser of Chapter 2) is called as ``model(x_t, t, y)``. Introduced in Chapter 2.
+    """
     if isinstance(model, DiTTransformer2DModel):
         return model(x_t, timestep=t, class_labels=y).sample
     if isinstance(model, UNet2DModel):
         return model(x_t, t, class_labels=y).sample
-    raise TypeError(f"predict_noise needs a DiTTransformer2DModel or UNet2DModel, not {type(model).__name__}.")
+    if isinstance(model, torch.nn.Module):
+        return model(x_t, t, y)
+    raise TypeError(f"predict_noise needs a torch.nn.Module, not {type(model).__name__}.")
 
 
 # -------------------------------------------------------------------------- schedules

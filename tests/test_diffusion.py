@@ -104,8 +104,24 @@ def test_model_errors_name_valid_values():
         D.tiny_unet("huge")
     with pytest.raises(ValueError, match="sample_size=7 must be a multiple of the patch size 2"):
         D.tiny_dit("ci", sample_size=7)
-    with pytest.raises(TypeError, match="needs a DiTTransformer2DModel or UNet2DModel, not Linear"):
-        D.predict_noise(torch.nn.Linear(2, 2), torch.zeros(1, 2), torch.zeros(1), torch.zeros(1))
+    with pytest.raises(TypeError, match="needs a torch.nn.Module, not function"):
+        D.predict_noise(lambda x, t, y: x, torch.zeros(1, 2), torch.zeros(1), torch.zeros(1))
+
+
+def test_any_module_with_the_x_t_y_signature_trains():
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(3, 2)
+
+        def forward(self, x_t, t, y):  # (B, 2), (B,), (B,) -> (B, 2)
+            return self.net(torch.cat([x_t, t[:, None].float() / 1000], 1))
+
+    model, scheduler = Toy(), D.make_scheduler("linear")
+    x0, y = torch.randn(16, 2), torch.zeros(16, dtype=torch.long)
+    assert D.predict_noise(model, x0, torch.zeros(16, dtype=torch.long), y).shape == (16, 2)
+    history = D.train_diffusion(model, scheduler, x0, y, steps=3, batch_size=8)
+    assert len(history.losses) == 3 and all(l > 0 for l in history.losses)
 
 
 # --------------------------------------------------------------------- training
