@@ -24,11 +24,11 @@ from typing import Literal
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DiTTransformer2DModel, UNet2DModel
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from effnb.config import progress_enabled
 from effnb.data import sha256_of
+from effnb.train import load_checkpoint, read_checkpoint_metadata, save_checkpoint
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -478,11 +478,9 @@ def save_reference(model: torch.nn.Module, name: str, metadata: dict[str, str] |
     kind = _model_kind(model)
     if kind == "classifier" and config is None:
         raise ValueError("save_reference needs config=... (the SmallCNN keyword arguments) for a classifier.")
-    model_config = dict(model.config) if kind != "classifier" else config
-    header = {"kind": kind, "config": json.dumps(model_config, default=list), **(metadata or {})}
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    path = directory / f"{name}.safetensors"
-    save_file(tensors, str(path), metadata={k: str(v) for k, v in header.items()})
+    model_config = json.loads(json.dumps(dict(model.config), default=list)) if kind != "classifier" else config
+    path = save_checkpoint(model, directory / f"{name}.safetensors",
+                           {"kind": kind, "config": model_config, **(metadata or {})})
     digests = _read_manifest(directory) | {path.name: sha256_of(path)}
     (directory / _MANIFEST).write_text("".join(f"{d}  {n}\n" for n, d in sorted(digests.items())))
     return digests[path.name]
@@ -499,7 +497,7 @@ def _build(kind: str, config: dict) -> torch.nn.Module:
 
 
 def load_reference(name: str, directory: Path | str = CHECKPOINT_DIR,
-                   device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, str]]:
+                   device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict]:
     """Load a reference checkpoint after checking its sha256; returns ``(model in eval mode, metadata)``.
 
     ``name`` is one of :data:`REFERENCE_NAMES` (or any name saved with :func:`save_reference` in
@@ -517,11 +515,7 @@ def load_reference(name: str, directory: Path | str = CHECKPOINT_DIR,
     if actual != expected:
         raise ValueError(f"Checkpoint {path} is corrupt (sha256 {actual[:12]}… instead of "
                          f"{expected[:12]}…); re-create it with `{MAKE_SCRIPT}`.")
-    tensors = load_file(str(path))
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = dict(handle.metadata() or {})
-    model = _build(metadata["kind"], json.loads(metadata["config"]))
-    model.load_state_dict(tensors)
+    metadata = read_checkpoint_metadata(path)
+    model = _build(metadata["kind"], metadata["config"])
+    load_checkpoint(model, path)
     return model.to(device).eval(), metadata

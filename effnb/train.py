@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from effnb.config import progress_enabled
 
-__all__ = ["Accuracy", "History", "evaluate", "fit", "load_checkpoint", "save_checkpoint"]
+__all__ = ["Accuracy", "History", "evaluate", "fit", "load_checkpoint", "read_checkpoint_metadata", "save_checkpoint"]
 
 
 @dataclass
@@ -116,17 +116,27 @@ def save_checkpoint(model: nn.Module, path: str | Path, metadata: dict | None = 
     return path
 
 
-def load_checkpoint(model: nn.Module, path: str | Path) -> dict:
-    """Load a :func:`save_checkpoint` file into ``model`` (strictly) and return its metadata.
+def read_checkpoint_metadata(path: str | Path) -> dict:
+    """The metadata a :func:`save_checkpoint` file carries, without loading its tensors.
 
+    Lets a caller rebuild the right model (from a stored config) before loading the weights.
     Raises ``FileNotFoundError`` naming the path when it is missing.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist; create it first (see the chapter or scripts/).")
-    model.load_state_dict(load_file(str(path), device=str(_device_of(model))))
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as fh:
         meta = fh.metadata() or {}
     return json.loads(meta.get("effnb", "{}"))
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> dict:
+    """Load a :func:`save_checkpoint` file into ``model`` (strictly) and return its metadata.
+
+    Raises ``FileNotFoundError`` naming the path when it is missing.
+    """
+    metadata = read_checkpoint_metadata(path)
+    model.load_state_dict(load_file(str(path), device=str(_device_of(model))))
+    return metadata
