@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: book test outputs benchmark assignments full-edition browser env clean
+.PHONY: book test outputs benchmark assignments full-edition gpu-smoke browser env clean
 
 env: $(STAMP)
 
@@ -43,6 +43,9 @@ assignments: $(STAMP)  ## student notebooks and autograders of every chapter int
 
 full-edition: $(STAMP)  ## run every chapter with PROFILE=full (needs a GPU) and render _build/full/html
 	$(BIN)/python scripts/build_full_edition.py
+
+gpu-smoke: $(STAMP)  ## on a GPU: every chapter's full-profile path, cut short (<= 8 min); writes data/results/gpu-smoke.json
+	$(BIN)/python scripts/gpu_smoke.py
 
 clean:
 	rm -rf _build

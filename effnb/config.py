@@ -22,16 +22,28 @@ __all__ = [
     "PROFILES",
     "Run",
     "block_network",
+    "check_choice",
     "choose_device",
     "progress_enabled",
     "resolve_profile",
     "seed_everything",
     "setup",
+    "smoke_enabled",
 ]
 
 Profile = Literal["ci", "full"]
 PROFILES: tuple[str, ...] = ("ci", "full")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")
+
+
+def check_choice(name: str, value: object, choices: "tuple | list | dict") -> None:
+    """Raise one ``ValueError`` sentence when ``value`` is not among ``choices``.
+
+    The one wording every effnb module uses: ``NAME='x' is not valid; use one of 'a', 'b'.``
+    Introduced in Chapter 0.
+    """
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not valid; use one of {', '.join(map(repr, choices))}.")
 
 
 def resolve_profile(profile: str) -> Profile:
@@ -40,9 +52,7 @@ def resolve_profile(profile: str) -> Profile:
     Raises ``ValueError`` naming the valid profiles for anything else. Introduced in Chapter 0.
     """
     chosen = os.environ.get("EFFNB_PROFILE", "").strip() or profile
-    if chosen not in PROFILES:
-        source = "EFFNB_PROFILE" if os.environ.get("EFFNB_PROFILE", "").strip() else "PROFILE"
-        raise ValueError(f"{source}={chosen!r} is not a profile; use one of {', '.join(map(repr, PROFILES))}.")
+    check_choice("EFFNB_PROFILE" if os.environ.get("EFFNB_PROFILE", "").strip() else "PROFILE", chosen, PROFILES)
     return chosen  # type: ignore[return-value]
 
 
@@ -57,8 +67,7 @@ def choose_device(device: str = "auto") -> torch.device:
     Raises ``ValueError`` for an unknown name and ``RuntimeError`` for a device this machine
     lacks, each naming what to use instead. Introduced in Chapter 0.
     """
-    if device not in DEVICES:
-        raise ValueError(f"DEVICE={device!r} is not a device; use one of {', '.join(map(repr, DEVICES))}.")
+    check_choice("DEVICE", device, DEVICES)
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -87,22 +96,43 @@ def progress_enabled() -> bool:
     return os.environ.get("EFFNB_PROGRESS", "1") != "0"
 
 
+def smoke_enabled() -> bool:
+    """Whether this is a GPU smoke run (``EFFNB_SMOKE=1``): the full profile's code paths and sizes,
+    with steps and seeds cut, so that ``make gpu-smoke`` runs every chapter in minutes.
+
+    Raises ``ValueError`` for a value other than ``0``/``1``. Introduced in Chapter 0.
+    """
+    value = os.environ.get("EFFNB_SMOKE", "0").strip() or "0"
+    check_choice("EFFNB_SMOKE", value, ("0", "1"))
+    return value == "1"
+
+
 @dataclass(frozen=True)
 class Run:
-    """The validated settings of one chapter run: ``profile``, ``seed``, ``device``."""
+    """The validated settings of one chapter run: ``profile``, ``seed``, ``device``, ``smoke``.
+
+    ``smoke`` is true for a GPU smoke run of the full profile (:func:`smoke_enabled`).
+    """
 
     profile: Profile
     seed: int
     device: torch.device
+    smoke: bool = False
 
     @property
     def is_ci(self) -> bool:
         """True on the small CPU profile."""
         return self.profile == "ci"
 
-    def pick(self, ci: object, full: object) -> object:
-        """Return ``ci`` on the ci profile and ``full`` on the full profile."""
-        return ci if self.is_ci else full
+    def pick(self, ci: object, full: object, smoke: object = None) -> object:
+        """Return ``ci`` on the ci profile and ``full`` on the full profile.
+
+        On a smoke run of the full profile, return ``smoke`` instead where it is given: the
+        full profile's sizes with fewer steps or seeds.
+        """
+        if self.is_ci:
+            return ci
+        return smoke if self.smoke and smoke is not None else full
 
 
 def setup(profile: str = "ci", seed: int = 0, device: str = "auto", threads: int | None = None) -> Run:
@@ -112,11 +142,12 @@ def setup(profile: str = "ci", seed: int = 0, device: str = "auto", threads: int
     Introduced in Chapter 0.
     """
     chosen = resolve_profile(profile)
+    smoke = smoke_enabled()
     seed_everything(seed)
     dev = choose_device(device)
     if threads is not None:
         torch.set_num_threads(threads)
-    return Run(profile=chosen, seed=seed, device=dev)
+    return Run(profile=chosen, seed=seed, device=dev, smoke=smoke and chosen == "full")
 
 
 _LOOPBACK = ("127.", "::1", "localhost")

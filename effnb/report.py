@@ -1,6 +1,9 @@
 """Record each chapter's claims for the book's *Reproduction report* page.
 
-A chapter's claim cell calls :func:`record_claim` once per claim of the paper. When the
+A chapter's claim cell calls :func:`record_claim` once per claim of the paper. Two kinds are
+kept apart (DESIGN, *evidence standard*): a **claim** compares the paper's statement with a
+measurement of this run that could have failed; a **check** shows that our code agrees with
+itself or with an equation. A check never counts as a reproduced claim. When the
 environment variable ``EFFNB_REPORT_DIR`` is set (the book build sets it), the claims are
 written to ``<dir>/<chapter>.json``; ``scripts/build_book.py`` then turns every file into the
 report page with :func:`claims_markdown`. Introduced in Chapter 0.
@@ -9,15 +12,23 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
-__all__ = ["Claim", "claims_markdown", "load_claims", "record_claim"]
+__all__ = ["KINDS", "Claim", "claims_markdown", "load_claims", "record_claim"]
+
+Kind = Literal["claim", "check"]
+KINDS: tuple[str, ...] = ("claim", "check")
 
 
 @dataclass(frozen=True)
 class Claim:
-    """One claim: what the paper reports, what this run measured, and whether it agrees."""
+    """One record: what the paper reports, what this run measured, and whether it agrees.
+
+    ``kind`` is ``"claim"`` (a measurement that could have failed) or ``"check"`` (our code agrees
+    with itself or an equation); for a check, ``reproduced`` means "the check passed".
+    """
 
     chapter: str
     claim: str
@@ -25,25 +36,33 @@ class Claim:
     ours: str
     reproduced: bool
     note: str = ""
+    kind: Kind = "claim"
 
     def verdict(self) -> str:
         """A one-line, machine-independent summary, safe to print in an nbval-checked cell."""
+        if self.kind == "check":
+            return f"[check {'passed' if self.reproduced else 'FAILED'}] {self.claim}"
         return f"[{'reproduced' if self.reproduced else 'NOT reproduced'}] {self.claim}"
 
 
-def record_claim(chapter: str, claim: str, paper: str, ours: str, reproduced: bool, note: str = "") -> Claim:
-    """Record one claim; write it under ``EFFNB_REPORT_DIR`` when that is set.
+def record_claim(chapter: str, claim: str, paper: str, ours: str, reproduced: bool, note: str = "",
+                 kind: Kind = "claim") -> Claim:
+    """Record one claim or check; write it under ``EFFNB_REPORT_DIR`` when that is set.
 
     ``chapter`` is the notebook's stem (``"00_measuring_efficiency"``), ``paper`` the paper's
-    figure as text, ``ours`` this run's figure as text. A claim recorded again with the same
-    text replaces the earlier record. Raises ``TypeError`` unless ``reproduced`` is a bool.
-    Introduced in Chapter 0.
+    figure as text, ``ours`` this run's figure as text. ``kind="claim"`` is a measurement that
+    could have failed, with its threshold stated before the result; ``kind="check"`` is a
+    self-consistency test, which the report counts apart and never as reproduced. A record
+    with the same text replaces the earlier one. Raises ``TypeError`` unless ``reproduced`` is
+    a bool, ``ValueError`` for an unknown ``kind``. Introduced in Chapter 0.
     """
     if not isinstance(reproduced, bool):
         raise TypeError(f"reproduced={reproduced!r} must be True or False, computed from the measurement.")
     if not chapter or not claim:
         raise ValueError("record_claim needs a non-empty chapter name and claim text.")
-    record = Claim(chapter, claim, str(paper), str(ours), reproduced, note)
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r} is not a kind of record; use one of {', '.join(map(repr, KINDS))}.")
+    record = Claim(chapter, claim, str(paper), str(ours), reproduced, note, kind)
     directory = os.environ.get("EFFNB_REPORT_DIR")
     if directory:
         path = Path(directory) / f"{chapter}.json"
@@ -55,10 +74,25 @@ def record_claim(chapter: str, claim: str, paper: str, ours: str, reproduced: bo
 
 
 def load_claims(directory: str | os.PathLike) -> list[Claim]:
-    """Read every ``*.json`` claim file in ``directory``, sorted by chapter; ``[]`` if none."""
+    """Read every ``*.json`` claim file in ``directory``, sorted by chapter; ``[]`` if none.
+
+    Raises ``ValueError`` naming the file when one is not a list of records written by
+    :func:`record_claim` (a foreign JSON file in ``EFFNB_REPORT_DIR``, say).
+    """
     claims: list[Claim] = []
+    fields = set(Claim.__dataclass_fields__)
+    required = {name for name, f in Claim.__dataclass_fields__.items() if f.default is MISSING}
     for path in sorted(Path(directory).glob("*.json")):
-        claims.extend(Claim(**row) for row in json.loads(path.read_text()))
+        try:
+            rows = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not JSON ({err.msg}); remove it from EFFNB_REPORT_DIR, which holds "
+                             "only the claim files record_claim writes.") from None
+        if not isinstance(rows, list) or not all(
+                isinstance(r, dict) and required <= set(r) <= fields and r.get("kind", "claim") in KINDS for r in rows):
+            raise ValueError(f"{path} is not a claim file written by record_claim; remove it from "
+                             "EFFNB_REPORT_DIR, which holds only those.")
+        claims.extend(Claim(**row) for row in rows)
     return claims
 
 
@@ -67,22 +101,37 @@ def _cell(text: str) -> str:
 
 
 def claims_markdown(claims: list[Claim]) -> str:
-    """Markdown for the report page: a per-chapter summary, then one row per claim.
+    """Markdown for the report page: a per-chapter summary, then one row per claim or check.
 
+    Measured claims and checks are counted apart: a check that passes is not a reproduced claim.
     The detail table puts the verdict right after the claim so that it stays visible on narrow screens.
     """
     if not claims:
         return "No chapter has recorded a claim yet.\n"
-    done = sum(c.reproduced for c in claims)
+    measured = [c for c in claims if c.kind == "claim"]
+    checks = [c for c in claims if c.kind == "check"]
     chapters: dict[str, list[Claim]] = {}
     for c in claims:
         chapters.setdefault(c.chapter, []).append(c)
-    lines = [f"{done} of {len(claims)} claims reproduced.", "", "| chapter | claims | reproduced |", "| --- | ---: | ---: |"]
-    lines += [f"| {_cell(ch)} | {len(cs)} | {sum(c.reproduced for c in cs)} |" for ch, cs in chapters.items()]
-    lines += ["", "| chapter | claim | reproduced | paper | this run | note |", "| --- | --- | --- | --- | --- | --- |"]
-    for c in claims:
-        mark = "yes" if c.reproduced else "**no**"
-        lines.append(
-            f"| {_cell(c.chapter)} | {_cell(c.claim)} | {mark} | {_cell(c.paper)} | {_cell(c.ours)} | {_cell(c.note)} |"
-        )
+    lines = [
+        f"{sum(c.reproduced for c in measured)} of {len(measured)} measured claims reproduced; "
+        f"{sum(c.reproduced for c in checks)} of {len(checks)} checks passed.",
+        "",
+        "| chapter | measured claims | reproduced | checks | passed |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for ch, cs in chapters.items():
+        m = [c for c in cs if c.kind == "claim"]
+        k = [c for c in cs if c.kind == "check"]
+        lines.append(f"| {_cell(ch)} | {len(m)} | {sum(c.reproduced for c in m)} | {len(k)} | "
+                     f"{sum(c.reproduced for c in k)} |")
+    lines += ["", "| chapter | kind | claim | verdict | paper | this run | note |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for c in sorted(claims, key=lambda c: (c.chapter, c.kind != "claim")):
+        if c.kind == "check":
+            mark = "passed" if c.reproduced else "**FAILED**"
+        else:
+            mark = "reproduced" if c.reproduced else "**not reproduced**"
+        lines.append(f"| {_cell(c.chapter)} | {c.kind} | {_cell(c.claim)} | {mark} | {_cell(c.paper)} | "
+                     f"{_cell(c.ours)} | {_cell(c.note)} |")
     return "\n".join(lines) + "\n"

@@ -17,15 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import build_book  # noqa: E402
+from run_notebooks import gpu_name  # noqa: E402
 
 FULL = ROOT / "_build" / "full"
-
-
-def gpu_name() -> str | None:
-    """The name of the first CUDA GPU, or None when there is none."""
-    import torch
-
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,6 +50,11 @@ def toc_notebooks(root: Path = ROOT) -> list[Path]:
     return [root / f"{f}.ipynb" for f in toc_files(root) if (root / f"{f}.ipynb").exists()]
 
 
+def gpu_name() -> str | None:
+    """The name of the first CUDA GPU, or None when there is none."""
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
 def strip_run_metadata(path: Path) -> None:
     """Drop papermill's per-cell timing metadata so refreshed notebooks diff cleanly."""
     nb = nbformat.read(path, as_version=4)

@@ -19,13 +19,13 @@ def test_environment_overrides_parameter(monkeypatch):
 
 def test_unknown_profile_names_valid_ones(monkeypatch):
     monkeypatch.delenv("EFFNB_PROFILE", raising=False)
-    with pytest.raises(ValueError, match=r"PROFILE='fast' is not a profile; use one of 'ci', 'full'\."):
+    with pytest.raises(ValueError, match=r"PROFILE='fast' is not valid; use one of 'ci', 'full'\."):
         config.resolve_profile("fast")
 
 
 def test_unknown_profile_from_environment_names_the_variable(monkeypatch):
     monkeypatch.setenv("EFFNB_PROFILE", "gpu")
-    with pytest.raises(ValueError, match=r"EFFNB_PROFILE='gpu' is not a profile"):
+    with pytest.raises(ValueError, match=r"EFFNB_PROFILE='gpu' is not valid"):
         config.resolve_profile("ci")
 
 
@@ -35,7 +35,7 @@ def test_auto_device_on_this_machine_is_cpu_or_gpu():
 
 
 def test_unknown_device_names_valid_ones():
-    with pytest.raises(ValueError, match=r"DEVICE='tpu' is not a device; use one of 'auto', 'cpu', 'cuda', 'mps'\."):
+    with pytest.raises(ValueError, match=r"DEVICE='tpu' is not valid; use one of 'auto', 'cpu', 'cuda', 'mps'\."):
         config.choose_device("tpu")
 
 
@@ -93,3 +93,21 @@ def test_loopback_stays_open():
     client = socket.create_connection(server.getsockname(), timeout=5)
     client.close()
     server.close()
+
+
+def test_smoke_run_picks_the_smoke_value_on_the_full_profile_only(monkeypatch):
+    monkeypatch.delenv("EFFNB_PROFILE", raising=False)
+    monkeypatch.setenv("EFFNB_SMOKE", "1")
+    full = config.setup("full", 0, "cpu")
+    assert full.smoke and full.pick(ci=1, full=100, smoke=5) == 5
+    assert full.pick(ci=1, full=100) == 100, "without a smoke value the full one is used"
+    ci = config.setup("ci", 0, "cpu")
+    assert not ci.smoke and ci.pick(ci=1, full=100, smoke=5) == 1
+    monkeypatch.setenv("EFFNB_SMOKE", "0")
+    assert config.setup("full", 0, "cpu").pick(ci=1, full=100, smoke=5) == 100
+
+
+def test_a_bad_smoke_value_names_the_allowed_ones(monkeypatch):
+    monkeypatch.setenv("EFFNB_SMOKE", "yes")
+    with pytest.raises(ValueError, match=r"EFFNB_SMOKE='yes' is not valid; use one of '0', '1'\."):
+        config.setup("full", 0, "cpu")

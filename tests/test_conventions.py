@@ -118,3 +118,17 @@ def test_papermill_sees_every_parameter(nb):
     cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
     assigned = {t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign) for t in node.targets}
     assert set(papermill.inspect_notebook(str(nb.path))) == assigned
+
+
+def test_every_chapter_supports_the_gpu_smoke_run(nb):
+    """DESIGN: `make gpu-smoke` runs each chapter's full-profile path cut short, through run.pick(..., smoke=...)."""
+    code = "\n".join(sources(nb, "code"))
+    assert re.search(r"\bsmoke\s*=", code) or "run.smoke" in code, \
+        "no smoke setting: give the full profile's long loops a run.pick(ci=..., full=..., smoke=...) value"
+
+
+def test_full_profile_never_downloads_without_a_parameter(nb):
+    """DESIGN: every network access sits behind an explicit parameter (DOWNLOAD = False by default)."""
+    code = "\n".join(sources(nb, "code"))
+    if "download=True" in code.replace(" ", ""):
+        raise AssertionError("download=True is hard-coded; pass download=DOWNLOAD with DOWNLOAD = False in the parameters cell")

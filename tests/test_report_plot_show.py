@@ -22,10 +22,35 @@ def test_record_claim_writes_replaces_and_renders(monkeypatch, tmp_path):
     assert [(c.chapter, c.claim) for c in claims] == [("00_x", "exact"), ("01_y", "small"), ("01_y", "fast")]
     assert json.loads((tmp_path / "01_y.json").read_text())[1]["ours"] == "1.4x"
     table = report.claims_markdown(claims)
-    assert "| 01_y | fast | **no** | 3x | 1.4x | small \\| scale |" in table
-    assert table.startswith("2 of 3 claims reproduced.")
-    assert "| 00_x | 1 | 1 |" in table and "| 01_y | 2 | 1 |" in table
+    assert "| 01_y | claim | fast | **not reproduced** | 3x | 1.4x | small \\| scale |" in table
+    assert table.startswith("2 of 3 measured claims reproduced; 0 of 0 checks passed.")
+    assert "| 00_x | 1 | 1 | 0 | 0 |" in table and "| 01_y | 2 | 1 | 0 | 0 |" in table
     assert report.claims_markdown([]) == "No chapter has recorded a claim yet.\n"
+
+
+def test_checks_are_counted_apart_and_never_as_reproduced(monkeypatch, tmp_path):
+    monkeypatch.setenv("EFFNB_REPORT_DIR", str(tmp_path))
+    check = report.record_claim("00_x", "FLOPs equal the hand count", "2n^3", "2n^3", True, kind="check")
+    assert check.verdict() == "[check passed] FLOPs equal the hand count"
+    failed = report.record_claim("00_x", "bytes add up", "1", "2", False, kind="check")
+    assert failed.verdict() == "[check FAILED] bytes add up"
+    report.record_claim("00_x", "latency within 2x of the roofline", "<= 2x", "1.4x", True)
+    table = report.claims_markdown(report.load_claims(tmp_path))
+    assert table.startswith("1 of 1 measured claims reproduced; 1 of 2 checks passed.")
+    assert "| 00_x | 1 | 1 | 2 | 1 |" in table
+    rows = [line for line in table.splitlines() if line.startswith("| 00_x | c")]
+    assert [r.split(" | ")[1] for r in rows] == ["claim", "check", "check"], "measured claims first"
+    assert "| check | bytes add up | **FAILED** |" in table
+    with pytest.raises(ValueError, match="kind='guess' is not a kind of record; use one of 'claim', 'check'"):
+        report.record_claim("00_x", "c", "1", "1", True, kind="guess")
+
+
+@pytest.mark.parametrize("content", ['{"hello": 1}', "not json", '[{"chapter": "x"}]', '[{"chapter": "x", '
+                                     '"claim": "c", "paper": "1", "ours": "1", "reproduced": true, "kind": "vibe"}]'])
+def test_a_foreign_json_file_in_the_report_dir_gets_one_sentence(tmp_path, content):
+    (tmp_path / "other.json").write_text(content)
+    with pytest.raises(ValueError, match=r"other\.json is not .*EFFNB_REPORT_DIR"):
+        report.load_claims(tmp_path)
 
 
 def test_reproduced_must_be_a_real_bool():

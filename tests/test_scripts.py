@@ -65,5 +65,49 @@ def test_book_staging_and_report_page(tmp_path, monkeypatch):
     record_claim("00_measuring_efficiency", "a claim", "1", "1", True)
     build_book.write_report()
     page = (tmp_path / "src" / "book" / "reproduction.md").read_text()
-    assert "| 00_measuring_efficiency | a claim | yes | 1 | 1 |  |" in page
+    assert "| 00_measuring_efficiency | claim | a claim | reproduced | 1 | 1 |  |" in page
     assert "<!-- CLAIMS TABLE -->" not in page
+
+
+# ----------------------------------------------------------------------------- the GPU smoke run
+import gpu_smoke  # noqa: E402
+
+
+def test_gpu_smoke_refuses_without_a_gpu(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(gpu_smoke.run_notebooks, "gpu_name", lambda: None)
+    result = tmp_path / "smoke.json"
+    assert gpu_smoke.main(["--result", str(result)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("No CUDA GPU found") and err.count("\n") == 0
+    assert not result.exists()
+
+
+def test_gpu_smoke_runs_every_chapter_on_the_full_profile_with_smoke_set(monkeypatch, tmp_path):
+    """The wiring, with a fake GPU: every chapter executed as PROFILE=full, EFFNB_SMOKE=1, and a record naming the card."""
+    import json
+    import os
+
+    import papermill
+
+    calls = []
+
+    def fake_execute(notebook, output, profile):
+        calls.append((notebook.name, profile, os.environ.get("EFFNB_SMOKE")))
+        if notebook.name.startswith("01"):
+            raise papermill.PapermillExecutionError(0, 1, "", "RuntimeError", "broken on purpose", [])
+        return 0.0
+
+    monkeypatch.setenv("EFFNB_SMOKE", "0")  # restored after the test; the script sets it to 1
+    monkeypatch.setattr(gpu_smoke.run_notebooks, "gpu_name", lambda: "Fake GPU 80GB")
+    monkeypatch.setattr(gpu_smoke.run_notebooks, "execute", fake_execute)
+    result = tmp_path / "results" / "gpu-smoke.json"
+    assert gpu_smoke.main(["--result", str(result), "--out", str(tmp_path / "out")]) == 1
+    chapters = [p.name for p in run_notebooks.toc_notebooks()]
+    assert [c[0] for c in calls] == chapters
+    assert all(c[1] == "full" and c[2] == "1" for c in calls)
+    record = json.loads(result.read_text())
+    assert record["card"] == "Fake GPU 80GB" and record["budget_s"] == 480
+    assert [r["chapter"] for r in record["chapters"]] == [p.stem for p in run_notebooks.toc_notebooks()]
+    failed = [r for r in record["chapters"] if not r["passed"]]
+    assert len(failed) == 1 and "broken on purpose" in failed[0]["error"]
+    assert record["all_passed"] is False and record["within_budget"] is True
