@@ -5,6 +5,7 @@ Introduced in Chapter 0.
 """
 from __future__ import annotations
 
+import glob
 import platform
 import statistics
 import time
@@ -22,6 +23,7 @@ __all__ = [
     "count_flops",
     "count_parameters",
     "cpu_name",
+    "last_level_cache_bytes",
     "latency",
     "measure_bandwidth",
     "measure_machine",
@@ -214,3 +216,23 @@ def measure_machine(device: torch.device | None = None, matmul_size: int = 1024,
     bandwidth = max(measure_bandwidth(copy_numel, device) for _ in range(2))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     return MachineRoofline(name=name, threads=torch.get_num_threads(), peak_flops=peak, bandwidth=bandwidth)
+
+
+def last_level_cache_bytes() -> int | None:
+    """Size in bytes of the processor's largest cache, read from Linux's sysfs; ``None`` where unknown.
+
+    A working set smaller than this may be served from the cache rather than from memory, so it
+    can run faster than the memory roof :attr:`MachineRoofline.bandwidth` predicts. Introduced in Chapter 0.
+    """
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            text = open(path).read().strip()
+        except OSError:
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        if text[:-1].isdigit() and text[-1] in units:
+            sizes.append(int(text[:-1]) * units[text[-1]])
+        elif text.isdigit():
+            sizes.append(int(text))
+    return max(sizes) if sizes else None

@@ -71,3 +71,14 @@ def test_machine_roofline_is_positive_and_consistent():
 def test_matmul_intensity_formula():
     _, intensity = measure.measure_matmul(64, repeats=1)
     assert intensity == pytest.approx(2 * 64**3 / (3 * 64 * 64 * 4))
+
+
+def test_last_level_cache_is_the_largest_cache_sysfs_lists(monkeypatch, tmp_path):
+    files = []
+    for i, text in enumerate(["48K", "2048K", "300M", "junk"]):
+        (tmp_path / f"index{i}").write_text(text + "\n")
+        files.append(str(tmp_path / f"index{i}"))
+    monkeypatch.setattr(measure.glob, "glob", lambda pattern: files)
+    assert measure.last_level_cache_bytes() == 300 * 2**20
+    monkeypatch.setattr(measure.glob, "glob", lambda pattern: [])
+    assert measure.last_level_cache_bytes() is None
