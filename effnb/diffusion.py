@@ -27,7 +27,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DiTTransformer2DModel, UNet2
 from tqdm import tqdm
 
 from effnb.config import progress_enabled
-from effnb.data import sha256_of
+from effnb.data import atomic_path, check_sha256, read_sha256sums, sha256_of, write_sha256sums
 from effnb.train import load_checkpoint, read_checkpoint_metadata, save_checkpoint
 
 __all__ = [
@@ -393,6 +393,18 @@ def feature_statistics(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray,
     return f.mean(axis=0), np.cov(f, rowvar=False)
 
 
+def _check_covariance(name: str, sigma: np.ndarray) -> None:
+    """Raise unless ``sigma`` is symmetric positive semi-definite, up to rounding (1e-9 of its scale)."""
+    sigma = np.asarray(sigma, dtype=np.float64)
+    scale = max(float(np.abs(sigma).max(initial=0.0)), 1e-300)
+    fix = "compute it with feature_statistics(features) from (N, F) features"
+    if sigma.ndim != 2 or sigma.shape[0] != sigma.shape[1] or not np.allclose(sigma, sigma.T, rtol=0, atol=1e-9 * scale):
+        raise ValueError(f"{name} is not a covariance matrix: it is not symmetric; {fix}.")
+    smallest = float(np.linalg.eigvalsh(sigma).min())
+    if smallest < -1e-9 * scale:
+        raise ValueError(f"{name} is not a covariance matrix: it has the negative eigenvalue {smallest:.3g}; {fix}.")
+
+
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     r"""Fréchet distance between Gaussians (Dowson & Landau 1982; Heusel et al. 2017, the FID formula):
 
@@ -400,10 +412,14 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
     :math:`\operatorname{Tr}(\Sigma_1\Sigma_2)^{1/2} = \sum_i \sqrt{\lambda_i}` over the eigenvalues
     of :math:`\Sigma_1\Sigma_2` (real and non-negative for covariances; rounding noise is clipped).
+    That holds only for symmetric positive semi-definite :math:`\Sigma`: anything else raises
+    ``ValueError`` (clipping a truly negative eigenvalue would give a wrong, often zero, distance).
     Introduced in Chapter 2.
     """
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"shapes differ: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}.")
+    _check_covariance("sigma1", sigma1)
+    _check_covariance("sigma2", sigma2)
     eigenvalues = np.linalg.eigvals(sigma1 @ sigma2).real.clip(min=0.0)
     trace_sqrt = float(np.sqrt(eigenvalues).sum())
     value = float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt)
@@ -449,14 +465,6 @@ REFERENCE_NAMES: tuple[str, ...] = ("dit_digits8", "unet_digits8", "classifier_d
 _MANIFEST = "SHA256SUMS"
 
 
-def _read_manifest(directory: Path) -> dict[str, str]:
-    path = directory / _MANIFEST
-    if not path.exists():
-        return {}
-    rows = (line.split() for line in path.read_text().splitlines() if line.strip())
-    return {name: digest for digest, name in rows}
-
-
 def _model_kind(model: torch.nn.Module) -> str:
     if isinstance(model, DiTTransformer2DModel):
         return "dit"
@@ -471,19 +479,30 @@ def save_reference(model: torch.nn.Module, name: str, metadata: dict[str, str] |
     sha256 in ``<directory>/SHA256SUMS`` (``sha256sum -c`` format). Returns the sha256.
 
     diffusers models carry their config; pass ``config`` (constructor keyword arguments) for an
-    ``effnb.models.SmallCNN`` classifier. Introduced in Chapter 2.
+    ``effnb.models.SmallCNN`` classifier. Crash-safe: the weights are written and hashed under a
+    temporary name first; then the manifest loses the old entry, the weights are renamed into
+    place, and the manifest gains the new entry, each step an atomic ``os.replace``. An interrupt
+    therefore leaves either the old checkpoint, readable, or a missing entry whose error names the
+    script, never weights that disagree with their entry. Introduced in Chapter 2.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     kind = _model_kind(model)
     if kind == "classifier" and config is None:
         raise ValueError("save_reference needs config=... (the SmallCNN keyword arguments) for a classifier.")
     model_config = json.loads(json.dumps(dict(model.config), default=list)) if kind != "classifier" else config
-    path = save_checkpoint(model, directory / f"{name}.safetensors",
-                           {"kind": kind, "config": model_config, **(metadata or {})})
-    digests = _read_manifest(directory) | {path.name: sha256_of(path)}
-    (directory / _MANIFEST).write_text("".join(f"{d}  {n}\n" for n, d in sorted(digests.items())))
-    return digests[path.name]
+    path, manifest = directory / f"{name}.safetensors", directory / _MANIFEST
+    with atomic_path(path) as tmp:
+        save_checkpoint(model, tmp, {"kind": kind, "config": model_config, **(metadata or {})})
+        digest = sha256_of(tmp)
+        digests = read_sha256sums(manifest)
+        if path.name in digests:                    # 1. drop the old entry
+            write_sha256sums(manifest, {n: d for n, d in digests.items() if n != path.name})
+    # 2. the new weights are in place (atomic_path renamed them); 3. record them
+    write_sha256sums(manifest, read_sha256sums(manifest) | {path.name: digest})
+    return digest
+
+
+_KINDS: tuple[str, ...] = ("dit", "unet", "classifier")
 
 
 def _build(kind: str, config: dict) -> torch.nn.Module:
@@ -508,14 +527,17 @@ def load_reference(name: str, directory: Path | str = CHECKPOINT_DIR,
     path = directory / f"{name}.safetensors"
     if directory == CHECKPOINT_DIR and name not in REFERENCE_NAMES:
         raise ValueError(f"no reference checkpoint {name!r}; use one of {', '.join(map(repr, REFERENCE_NAMES))}.")
-    expected = _read_manifest(directory).get(path.name)
+    expected = read_sha256sums(directory / _MANIFEST).get(path.name)
     if not path.exists() or expected is None:
         raise FileNotFoundError(f"Checkpoint {path} or its sha256 entry is missing; re-create it with `{MAKE_SCRIPT}`.")
-    actual = sha256_of(path)
-    if actual != expected:
-        raise ValueError(f"Checkpoint {path} is corrupt (sha256 {actual[:12]}… instead of "
-                         f"{expected[:12]}…); re-create it with `{MAKE_SCRIPT}`.")
+    fix = f"re-create it with `{MAKE_SCRIPT}`"
+    check_sha256(path, expected, fix, label=f"Checkpoint {path}")
     metadata = read_checkpoint_metadata(path)
+    if "kind" not in metadata or "config" not in metadata:
+        raise ValueError(f"Checkpoint {path} lacks the metadata 'kind', 'config' that save_reference writes; {fix}.")
+    if metadata["kind"] not in _KINDS:
+        raise ValueError(f"Checkpoint {path} has kind={metadata['kind']!r}, which is not valid "
+                         f"(use one of {', '.join(map(repr, _KINDS))}); {fix}.")
     model = _build(metadata["kind"], metadata["config"])
-    load_checkpoint(model, path)
+    load_checkpoint(model, path)  # the sha256 was checked above
     return model.to(device).eval(), metadata

@@ -14,6 +14,7 @@ from torch import nn
 from tqdm import tqdm
 
 from effnb.config import progress_enabled
+from effnb.data import atomic_path, check_sha256
 
 __all__ = ["Accuracy", "History", "evaluate", "fit", "load_checkpoint", "read_checkpoint_metadata", "save_checkpoint"]
 
@@ -108,11 +109,17 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: in
 
 
 def save_checkpoint(model: nn.Module, path: str | Path, metadata: dict | None = None) -> Path:
-    """Save ``model``'s state dict with safetensors; ``metadata`` (JSON-serialisable) travels in the header."""
+    """Save ``model``'s state dict with safetensors; ``metadata`` (JSON-serialisable) travels in the header.
+
+    The file is written to a temporary name, read back, and only then renamed over ``path``
+    (:func:`effnb.data.atomic_path`), so an interrupted save keeps the previous checkpoint.
+    Returns ``path``. Introduced in Chapter 0.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={"effnb": json.dumps(metadata or {})})
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"effnb": json.dumps(metadata or {})})
+        read_checkpoint_metadata(tmp)  # verify before the rename: the header parses
     return path
 
 
@@ -132,11 +139,15 @@ def read_checkpoint_metadata(path: str | Path) -> dict:
     return json.loads(meta.get("effnb", "{}"))
 
 
-def load_checkpoint(model: nn.Module, path: str | Path) -> dict:
+def load_checkpoint(model: nn.Module, path: str | Path, sha256: str | None = None) -> dict:
     """Load a :func:`save_checkpoint` file into ``model`` (strictly) and return its metadata.
 
-    Raises ``FileNotFoundError`` naming the path when it is missing.
+    With ``sha256`` (hex) the file is checked first, so a changed byte raises ``ValueError``
+    instead of loading silently (safetensors itself only checks the header). Raises
+    ``FileNotFoundError`` naming the path when it is missing. Introduced in Chapter 0.
     """
     metadata = read_checkpoint_metadata(path)
+    if sha256 is not None:
+        check_sha256(path, sha256, "save it again, or pass the sha256 of the file you meant")
     model.load_state_dict(load_file(str(path), device=str(_device_of(model))))
     return metadata

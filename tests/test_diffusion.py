@@ -191,6 +191,25 @@ def test_frechet_of_shifted_gaussians_is_squared_shift():
     assert D.frechet_distance(np.zeros(3), s, np.full(3, 2.0), s) == pytest.approx(12.0)
 
 
+def test_frechet_of_rank_deficient_covariances_matches_scipy():
+    # Fewer samples (5) than features (8): both covariances are singular, yet positive semi-definite.
+    rng = np.random.default_rng(2)
+    (m1, s1), (m2, s2) = D.feature_statistics(rng.normal(size=(5, 8))), D.feature_statistics(rng.normal(size=(5, 8)))
+    assert np.linalg.eigvalsh(s1).min() < 1e-12
+    reference = ((m1 - m2) ** 2).sum() + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
+    assert D.frechet_distance(m1, s1, m2, s2) == pytest.approx(reference, rel=1e-6)
+
+
+def test_frechet_refuses_a_covariance_that_is_not_positive_semi_definite():
+    # diag(1, -1) is no covariance; the old code clipped the eigenvalue -1 away and returned 0.
+    bad, good = np.diag([1.0, -1.0]), np.eye(2)
+    with pytest.raises(ValueError, match=r"sigma1 is not a covariance matrix: it has the negative eigenvalue -1; "
+                                         r"compute it with feature_statistics"):
+        D.frechet_distance(np.zeros(2), bad, np.zeros(2), good)
+    with pytest.raises(ValueError, match=r"sigma2 is not a covariance matrix: it is not symmetric"):
+        D.frechet_distance(np.zeros(2), good, np.zeros(2), np.array([[1.0, 0.5], [0.0, 1.0]]))
+
+
 def test_metric_errors():
     with pytest.raises(ValueError, match=r"features must have shape \(N, F\) with N >= 2, not \(1, 3\)"):
         D.feature_statistics(np.zeros((1, 3)))
@@ -234,7 +253,7 @@ def test_checkpoint_errors_name_the_script(tmp_path):
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match=r"is corrupt \(sha256 .*re-create it with `python scripts/make_diffusion"):
+    with pytest.raises(ValueError, match=r"dit\.safetensors is corrupt \(sha256 .*re-create it with `python scripts/make_diffusion"):
         D.load_reference("dit", directory=tmp_path)
     with pytest.raises(ValueError, match="no reference checkpoint 'nope'; use one of 'dit_digits8'"):
         D.load_reference("nope")
@@ -249,3 +268,80 @@ def test_stored_reference_checkpoints_verify_and_load(name):
     model, meta = D.load_reference(name)
     assert not model.training and "kind" in meta
     assert (D.CHECKPOINT_DIR / f"{name}.safetensors").stat().st_size < 3_000_000
+
+
+# ------------------------------------------------------- fault injection: reference checkpoints
+def _weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(model, weights):
+    return all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
+def test_a_crash_after_the_weights_keeps_the_old_checkpoint_readable(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    old = SmallCNN(width=4)
+    D.save_reference(old, "clf", directory=tmp_path, config={"width": 4})
+
+    def crash(path):  # the old code wrote the weights, then died hashing them for the manifest
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(D, "sha256_of", crash)
+    with pytest.raises(KeyboardInterrupt):
+        D.save_reference(SmallCNN(width=4), "clf", directory=tmp_path, config={"width": 4})
+    monkeypatch.undo()
+    loaded, _ = D.load_reference("clf", directory=tmp_path)
+    assert _same(loaded, _weights(old))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["SHA256SUMS", "clf.safetensors"]
+
+
+@pytest.mark.parametrize("crash_at", [1, 2, 3, 4])
+def test_a_crash_at_any_rename_leaves_the_old_state_or_names_the_script(tmp_path, monkeypatch, crash_at):
+    # save_reference renames four times (weights file, manifest without the entry, weights, manifest);
+    # whichever rename fails, the folder never holds weights that disagree with their manifest entry.
+    import os
+
+    torch.manual_seed(0)
+    old, new = SmallCNN(width=4), SmallCNN(width=4)
+    D.save_reference(old, "clf", directory=tmp_path, config={"width": 4})
+    calls, real_replace = [], os.replace
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == crash_at:
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        D.save_reference(new, "clf", directory=tmp_path, config={"width": 4})
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["SHA256SUMS", "clf.safetensors"]
+    try:
+        loaded, _ = D.load_reference("clf", directory=tmp_path)
+    except FileNotFoundError as err:
+        assert "sha256 entry is missing" in str(err) and D.MAKE_SCRIPT in str(err)
+    else:
+        assert _same(loaded, _weights(old)) or _same(loaded, _weights(new))
+
+
+def _hand_made_checkpoint(directory, metadata):
+    from effnb.train import save_checkpoint
+
+    path = save_checkpoint(SmallCNN(width=4), directory / "odd.safetensors", metadata)
+    (directory / "SHA256SUMS").write_text(f"{D.sha256_of(path)}  odd.safetensors\n")
+
+
+def test_an_unknown_kind_is_refused_in_one_sentence(tmp_path):
+    _hand_made_checkpoint(tmp_path, {"kind": "vae", "config": {"width": 4}})
+    with pytest.raises(ValueError, match=r"odd\.safetensors has kind='vae', which is not valid \(use one of "
+                                         r"'dit', 'unet', 'classifier'\); re-create it with `python scripts"):
+        D.load_reference("odd", directory=tmp_path)
+
+
+def test_a_checkpoint_without_metadata_is_refused_in_one_sentence(tmp_path):
+    _hand_made_checkpoint(tmp_path, None)
+    with pytest.raises(ValueError, match=r"odd\.safetensors lacks the metadata 'kind', 'config' that save_reference "
+                                         r"writes; re-create it with `python scripts"):
+        D.load_reference("odd", directory=tmp_path)

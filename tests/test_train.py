@@ -1,9 +1,11 @@
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
 from effnb import train
-from effnb.data import load_digits
+from effnb.data import load_digits, sha256_of
 from effnb.models import SmallCNN
 
 
@@ -69,3 +71,34 @@ def test_small_cnn_rejects_bad_shapes():
     with pytest.raises(ValueError, match="SmallCNN needs"):
         SmallCNN(num_classes=1)
     assert SmallCNN(in_channels=3, width=8).features(torch.zeros(2, 3, 32, 32)).shape == (2, 16)
+
+
+# ------------------------------------------------------------------ fault injection: checkpoints
+def test_a_flipped_byte_is_caught_when_the_sha256_is_given(tmp_path):
+    torch.manual_seed(0)
+    path = train.save_checkpoint(SmallCNN(width=4), tmp_path / "m.safetensors")
+    digest = sha256_of(path)
+    assert train.load_checkpoint(SmallCNN(width=4), path, sha256=digest) == {}
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # the last byte of the last tensor: the header still parses
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"m\.safetensors is corrupt \(sha256 .* instead of .*\); save it again"):
+        train.load_checkpoint(SmallCNN(width=4), path, sha256=digest)
+
+
+def test_an_interrupted_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    old = SmallCNN(width=4)
+    path = train.save_checkpoint(old, tmp_path / "m.safetensors", {"version": 1})
+
+    def crash(tensors, filename, metadata=None):  # dies half-way through writing
+        Path(filename).write_bytes(b"half a header")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint(SmallCNN(width=4), path, {"version": 2})
+    other = SmallCNN(width=4)
+    assert train.load_checkpoint(other, path) == {"version": 1}
+    assert torch.equal(other.head.weight, old.head.weight)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"], "no temporary file may stay"
