@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -71,3 +73,82 @@ def test_machine_roofline_is_positive_and_consistent():
 def test_matmul_intensity_formula():
     _, intensity = measure.measure_matmul(64, repeats=1)
     assert intensity == pytest.approx(2 * 64**3 / (3 * 64 * 64 * 4))
+
+
+# ------------------------------------------------------------------ attention: hand counts
+# Hand counts (a multiply-add = 2 FLOPs) for batch B, L query and S key tokens, width E, H heads
+# of size E/H, as torch's own formulas count them:
+#   projection of n tokens by an E×E weight:   2·n·E·E
+#   scaled dot-product attention:              2·B·H·L·S·(E/H) for Q·Kᵀ + the same for P·V = 4·B·L·S·E
+# A causal mask or an attention mask does not change the count: it is the dense cost, as torch's
+# formulas for the GPU kernels count it (a kernel may skip masked blocks; the count does not).
+B, L, E, H, FF = 2, 5, 16, 2, 32
+
+
+def _mha_hand_count(b=B, l=L, s=L, e=E):
+    in_proj = 2 * b * l * e * e + 2 * 2 * b * s * e * e  # Q from the L queries, K and V from the S keys
+    attention = 4 * b * l * s * e
+    out_proj = 2 * b * l * e * e
+    return in_proj + attention + out_proj
+
+
+@pytest.mark.parametrize("train_mode", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_multihead_attention_flops_match_hand_count(train_mode, need_weights):
+    mha = nn.MultiheadAttention(E, H, batch_first=True).train(train_mode)
+    x = torch.randn(B, L, E)
+    assert measure.count_flops(mha, x, x, x, need_weights=need_weights) == _mha_hand_count()
+
+
+def test_cross_attention_with_a_mask_flops_match_hand_count():
+    mha = nn.MultiheadAttention(E, H, batch_first=True).eval()
+    q, kv = torch.randn(B, L, E), torch.randn(B, 7, E)
+    mask = torch.rand(L, 7) > 0.5
+    mask[:, 0] = False  # every query keeps one key
+    assert measure.count_flops(mha, q, kv, kv, attn_mask=mask, need_weights=False) == _mha_hand_count(s=7)
+
+
+@pytest.mark.parametrize("train_mode", [True, False], ids=["train", "eval"])
+def test_transformer_encoder_layer_flops_match_hand_count(train_mode):
+    layer = nn.TransformerEncoderLayer(E, H, dim_feedforward=FF, batch_first=True).train(train_mode)
+    feed_forward = 2 * B * L * E * FF + 2 * B * L * FF * E  # Linear(E→FF), then Linear(FF→E)
+    assert measure.count_flops(layer, torch.randn(B, L, E)) == _mha_hand_count() + feed_forward
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"is_causal": True}, {"attn_mask": torch.ones(L, 7, dtype=torch.bool)}],
+                         ids=["plain", "causal", "mask"])
+def test_scaled_dot_product_attention_flops_match_hand_count(kwargs):
+    q, k, v = torch.randn(B, H, L, 8), torch.randn(B, H, 7, 8), torch.randn(B, H, 7, 8)
+    if kwargs.get("is_causal"):
+        k, v = k[:, :, :L], v[:, :, :L]
+    s = k.shape[2]
+    flops = measure.count_flops(nn.functional.scaled_dot_product_attention, q, k, v, **kwargs)
+    assert flops == 2 * B * H * L * s * 8 + 2 * B * H * L * s * 8  # Q·Kᵀ, then P·V
+
+
+def test_counting_leaves_the_fast_path_setting_as_it_was():
+    for setting in (True, False):
+        torch.backends.mha.set_fastpath_enabled(setting)
+        mha = nn.MultiheadAttention(E, H, batch_first=True).eval()
+        measure.count_flops(mha, *[torch.randn(B, L, E)] * 3)
+        assert torch.backends.mha.get_fastpath_enabled() is setting
+    torch.backends.mha.set_fastpath_enabled(True)
+
+
+def test_an_uncounted_matrix_op_warns_and_element_wise_ones_do_not():
+    a, v = torch.randn(8, 4), torch.randn(4)
+    with pytest.warns(UserWarning, match=r"count_flops: aten\.mv does matrix work but has no FLOP formula, "
+                                         r"so it counts 0; pass custom_mapping=\{torch\.ops\.aten\.mv: formula\}"):
+        assert measure.count_flops(torch.mv, a, v) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        measure.count_flops(lambda x: torch.relu(x).sum() + x @ x.T, a)  # counted or element-wise: silent
+
+
+def test_a_custom_formula_counts_an_op_without_one():
+    def mv_flops(a_shape, v_shape, *args, out_shape=None, **kwargs):
+        return 2 * a_shape[0] * a_shape[1]
+
+    flops = measure.count_flops(torch.mv, torch.randn(8, 4), torch.randn(4),
+                                custom_mapping={torch.ops.aten.mv: mv_flops})
+    assert flops == 2 * 8 * 4
