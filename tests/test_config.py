@@ -1,4 +1,5 @@
 import socket
+import urllib.request
 
 import pytest
 import torch
@@ -84,6 +85,58 @@ def test_network_is_blocked_at_once_in_tests():
         socket.create_connection(("93.184.216.34", 80), timeout=30)
     with pytest.raises(config.NetworkBlockedError, match="blocked"):
         socket.getaddrinfo("example.com", 80)
+
+
+@pytest.mark.parametrize("host", ["localhost.attacker.example", "127.x.example", "127.0.0.1.nip.io",
+                                  "::1.example", "localhostx", "0x7f.example"])
+def test_look_alike_names_are_not_loopback(host):
+    with pytest.raises(config.NetworkBlockedError, match=f"network access to '{host}' is blocked"):
+        socket.getaddrinfo(host, 80)
+    with pytest.raises(config.NetworkBlockedError, match="is blocked"):
+        socket.create_connection((host, 80), timeout=5)
+
+
+@pytest.mark.parametrize("host", ["localhost", "LOCALHOST", "127.0.0.1", "127.3.2.1", "::1"])
+def test_loopback_names_and_addresses_still_resolve(host):
+    assert socket.getaddrinfo(host, 80, type=socket.SOCK_STREAM)
+
+
+@pytest.mark.parametrize("resolve", [socket.gethostbyname, socket.gethostbyname_ex, socket.gethostbyaddr],
+                         ids=lambda f: f.__name__)
+def test_every_resolver_is_blocked(resolve):
+    with pytest.raises(config.NetworkBlockedError, match="'example.com' is blocked"):
+        resolve("example.com")
+    assert "127.0.0.1" in str(socket.gethostbyname("localhost"))
+
+
+def test_datagrams_are_blocked_except_to_loopback():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        server.bind(("127.0.0.1", 0))
+        client.sendto(b"local", server.getsockname())
+        assert server.recv(16) == b"local"
+        with pytest.raises(config.NetworkBlockedError, match="'93.184.216.34' is blocked"):
+            client.sendto(b"dns?", ("93.184.216.34", 53))
+        with pytest.raises(config.NetworkBlockedError, match="'93.184.216.34' is blocked"):
+            client.sendto(b"dns?", 0, ("93.184.216.34", 53))
+
+
+def test_a_proxy_on_loopback_does_not_open_a_way_out(monkeypatch):
+    # A proxy on 127.0.0.1 would forward to the internet: the guard refuses the proxy's address.
+    with socket.socket() as proxy:
+        proxy.bind(("127.0.0.1", 0))
+        proxy.listen(1)
+        port = proxy.getsockname()[1]
+        for variable in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY"):
+            monkeypatch.delenv("HTTPS_PROXY", raising=False)
+            monkeypatch.delenv("https_proxy", raising=False)
+            monkeypatch.delenv("ALL_PROXY", raising=False)
+            monkeypatch.setenv(variable, f"http://127.0.0.1:{port}")
+            with pytest.raises(config.NetworkBlockedError, match=f"proxy 127.0.0.1:{port} \\({variable}\\) is blocked"):
+                urllib.request.urlopen("https://example.com/", timeout=2)
+        proxy.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            proxy.accept()  # nothing reached the proxy
 
 
 def test_loopback_stays_open():
