@@ -198,7 +198,8 @@ def atomic_path(path: str | Path, sha256: str | None = None, fix: str = "write i
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    # ".name.x1y2.part.ext": hidden, clearly temporary, and still ending in the file's own suffix
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".part{path.suffix}")
     os.close(handle)
     tmp = Path(name)
     try:
