@@ -25,6 +25,7 @@ __all__ = [
     "Run",
     "block_network",
     "check_choice",
+    "check_count",
     "choose_device",
     "is_loopback",
     "progress_enabled",
@@ -47,6 +48,19 @@ def check_choice(name: str, value: object, choices: "tuple | list | dict") -> No
     """
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not valid; use one of {', '.join(map(repr, choices))}.")
+
+
+def check_count(name: str, value: object, example: int) -> None:
+    """Raise one sentence unless ``value`` is a whole number >= 1 (a step, epoch, batch or size count).
+
+    ``TypeError`` for a non-int (``1.5``, ``"3"``, ``True``), ``ValueError`` for 0 or less; both read
+    ``NAME=v must be a whole number >= 1, e.g. NAME=example.`` Introduced in Chapter 0.
+    """
+    message = f"{name}={value!r} must be a whole number >= 1, e.g. {name}={example}."
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(message)
+    if value < 1:
+        raise ValueError(message)
 
 
 def resolve_profile(profile: str) -> Profile:

@@ -19,6 +19,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from effnb.config import check_count
+
 __all__ = [
     "MachineRoofline",
     "count_flops",
@@ -203,8 +205,10 @@ def measure_matmul(n: int, device: torch.device | None = None, dtype: torch.dtyp
                    repeats: int = 5) -> tuple[float, float]:
     """Achieved FLOP/s of an ``(n, n) @ (n, n)`` matmul and its arithmetic intensity (FLOP per byte).
 
-    FLOPs = 2n³; bytes = 3n² elements (read A and B, write C) at ``dtype``'s size. Introduced in Chapter 0.
+    FLOPs = 2n³; bytes = 3n² elements (read A and B, write C) at ``dtype``'s size. ``n`` must be a
+    whole number >= 1. Introduced in Chapter 0.
     """
+    check_count("n", n, 1024)
     device = device or torch.device("cpu")
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -220,6 +224,7 @@ def measure_bandwidth(numel: int = 1 << 24, device: torch.device | None = None, 
     A copy ``y.copy_(x)`` moves 2 · 4 · numel bytes (one read, one write); an add ``torch.add(x, y, out=z)``
     moves 3 · 4 · numel. Use a size well beyond the last-level cache. Introduced in Chapter 0.
     """
+    check_count("numel", numel, 1 << 24)
     device = device or torch.device("cpu")
     x = torch.randn(numel, device=device)
     y = torch.empty_like(x)

@@ -152,3 +152,15 @@ def test_a_custom_formula_counts_an_op_without_one():
     flops = measure.count_flops(torch.mv, torch.randn(8, 4), torch.randn(4),
                                 custom_mapping={torch.ops.aten.mv: mv_flops})
     assert flops == 2 * 8 * 4
+
+
+@pytest.mark.parametrize("n, error", [(0, ValueError), (-4, ValueError), (2.5, TypeError)])
+def test_matmul_size_must_be_a_whole_number(n, error):
+    with pytest.raises(error, match=rf"n={n!r} must be a whole number >= 1, e\.g\. n=1024\."):
+        measure.measure_matmul(n)
+
+
+@pytest.mark.parametrize("numel", [0, -1])
+def test_bandwidth_size_must_be_a_whole_number(numel):
+    with pytest.raises(ValueError, match=rf"numel={numel!r} must be a whole number >= 1"):
+        measure.measure_bandwidth(numel)

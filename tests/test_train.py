@@ -46,7 +46,7 @@ def test_evaluate_per_class_matches_hand_count():
 
 def test_fit_rejects_bad_arguments(digits):
     model = SmallCNN(width=4)
-    with pytest.raises(ValueError, match="epochs and batch_size must be >= 1"):
+    with pytest.raises(ValueError, match=r"epochs=0 must be a whole number >= 1, e\.g\. epochs=3\."):
         train.fit(model, digits.x_train, digits.y_train, epochs=0)
     with pytest.raises(ValueError, match="x has 1347 rows but y has 10"):
         train.fit(model, digits.x_train, digits.y_train[:10], epochs=1)
@@ -102,3 +102,29 @@ def test_an_interrupted_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     assert train.load_checkpoint(other, path) == {"version": 1}
     assert torch.equal(other.head.weight, old.head.weight)
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"], "no temporary file may stay"
+
+
+# ------------------------------------------------------------------ bad input: one sentence each
+@pytest.mark.parametrize("epochs", [1.5, "3", True])
+def test_fractional_or_non_int_epochs_are_refused(digits, epochs):
+    with pytest.raises(TypeError, match=rf"epochs={epochs!r} must be a whole number >= 1, e\.g\. epochs=3\."):
+        train.fit(SmallCNN(width=4), digits.x_train[:8], digits.y_train[:8], epochs=epochs)
+
+
+@pytest.mark.parametrize("batch_size", [0, -1])
+def test_evaluate_refuses_a_batch_size_below_one(digits, batch_size):
+    with pytest.raises(ValueError, match=rf"batch_size={batch_size} must be a whole number >= 1, e\.g\. batch_size=512\."):
+        train.evaluate(SmallCNN(width=4), digits.x_test, digits.y_test, batch_size=batch_size)
+
+
+@pytest.mark.parametrize("num_classes", [0, 5])
+def test_evaluate_refuses_too_few_classes(digits, num_classes):
+    with pytest.raises(ValueError, match=rf"num_classes={num_classes} is too small: y holds the label 9; "
+                                         r"pass num_classes=10 or more \(or None\)\."):
+        train.evaluate(SmallCNN(width=4), digits.x_test, digits.y_test, num_classes=num_classes)
+
+
+def test_fit_refuses_labels_the_model_has_no_output_for(digits):
+    with pytest.raises(ValueError, match=r"y holds the label 9 but the model gives 5 class scores; "
+                                         r"build it with num_classes=10 or more\."):
+        train.fit(SmallCNN(width=4, num_classes=5), digits.x_train, digits.y_train, epochs=1)
