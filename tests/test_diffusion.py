@@ -6,6 +6,7 @@ import pytest
 import scipy.linalg
 import torch
 
+from conftest import skip_or_fail
 from effnb import diffusion as D
 from effnb.models import SmallCNN
 
@@ -261,10 +262,16 @@ def test_checkpoint_errors_name_the_script(tmp_path):
         D.save_reference(SmallCNN(width=4), "clf", directory=tmp_path)
 
 
+def require_checkpoint(name: str) -> None:
+    """Skip (locally) or fail (under CI=true) when a stored reference checkpoint is missing."""
+    path = D.CHECKPOINT_DIR / f"{name}.safetensors"
+    if not path.exists():
+        skip_or_fail(f"{path} is missing; run `{D.MAKE_SCRIPT}` to create the reference checkpoints")
+
+
 @pytest.mark.parametrize("name", D.REFERENCE_NAMES)
 def test_stored_reference_checkpoints_verify_and_load(name):
-    if not (D.CHECKPOINT_DIR / f"{name}.safetensors").exists():
-        pytest.skip(f"run `{D.MAKE_SCRIPT}` to create the reference checkpoints")
+    require_checkpoint(name)
     model, meta = D.load_reference(name)
     assert not model.training and "kind" in meta
     assert (D.CHECKPOINT_DIR / f"{name}.safetensors").stat().st_size < 3_000_000
