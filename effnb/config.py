@@ -197,9 +197,18 @@ def is_loopback(host: object) -> bool:
     return bool(address.is_loopback or (mapped is not None and mapped.is_loopback))
 
 
+_SEEN_PROXY_PORTS: dict[int, str] = {}
+
+
 def _proxy_on(host: object, port: object) -> str | None:
-    """The proxy variable that names loopback ``host:port`` as a proxy now, if any (read at each call,
-    so a proxy set after :func:`block_network` is caught too)."""
+    """The proxy variable that names loopback ``host:port`` as a proxy, now or at any earlier check
+    (read at each call, so a proxy set after :func:`block_network` is caught too, and remembered,
+    because an HTTP client may keep a proxy it read before the variable was removed)."""
+    _remember_proxies()
+    return _SEEN_PROXY_PORTS.get(port) if isinstance(port, int) else None
+
+
+def _remember_proxies() -> None:
     for variable in _PROXY_VARIABLES:
         url = os.environ.get(variable, "").strip()
         if not url:
@@ -209,9 +218,8 @@ def _proxy_on(host: object, port: object) -> str | None:
             proxy_port = parts.port or _DEFAULT_PORTS.get(parts.scheme.lower(), 80)
         except ValueError:
             continue
-        if is_loopback(parts.hostname or "") and proxy_port == port:
-            return variable
-    return None
+        if is_loopback(parts.hostname or ""):
+            _SEEN_PROXY_PORTS.setdefault(proxy_port, variable)
 
 
 def _refuse(host: object) -> NetworkBlockedError:
@@ -257,6 +265,7 @@ def block_network() -> None:
     """
     if getattr(socket.socket, "_effnb_blocked", False):
         return
+    _remember_proxies()
     original = {name: getattr(socket.socket, name) for name in ("connect", "connect_ex", "sendto", "sendmsg")}
 
     def _guarded(self) -> bool:  # noqa: ANN001

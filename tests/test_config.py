@@ -30,8 +30,11 @@ def test_unknown_profile_from_environment_names_the_variable(monkeypatch):
         config.resolve_profile("ci")
 
 
-def test_auto_device_on_this_machine_is_cpu_or_gpu():
-    assert config.choose_device("auto").type in {"cpu", "cuda", "mps"}
+@pytest.mark.parametrize("cuda, mps, expected", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+def test_auto_device_prefers_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(config, "_mps_available", lambda: mps)
+    assert config.choose_device("auto") == torch.device(expected)
     assert config.choose_device("cpu") == torch.device("cpu")
 
 
@@ -121,31 +124,39 @@ def test_datagrams_are_blocked_except_to_loopback():
             client.sendto(b"dns?", 0, ("93.184.216.34", 53))
 
 
-def test_a_proxy_on_loopback_does_not_open_a_way_out(monkeypatch):
+@pytest.mark.parametrize("variable", ["HTTPS_PROXY", "https_proxy", "ALL_PROXY"])
+def test_a_proxy_on_loopback_does_not_open_a_way_out(monkeypatch, variable):
     # A proxy on 127.0.0.1 would forward to the internet: the guard refuses the proxy's address.
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
     with socket.socket() as proxy:
         proxy.bind(("127.0.0.1", 0))
         proxy.listen(1)
         port = proxy.getsockname()[1]
-        for variable in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY"):
-            monkeypatch.delenv("HTTPS_PROXY", raising=False)
-            monkeypatch.delenv("https_proxy", raising=False)
-            monkeypatch.delenv("ALL_PROXY", raising=False)
-            monkeypatch.setenv(variable, f"http://127.0.0.1:{port}")
-            with pytest.raises(config.NetworkBlockedError, match=f"proxy 127.0.0.1:{port} \\({variable}\\) is blocked"):
-                urllib.request.urlopen("https://example.com/", timeout=2)
+        monkeypatch.setenv(variable, f"http://127.0.0.1:{port}")
+        with pytest.raises(config.NetworkBlockedError, match=rf"proxy 127\.0\.0\.1:{port} \({variable}\) is blocked"):
+            socket.create_connection(("127.0.0.1", port), timeout=2)
+        with pytest.raises(config.NetworkBlockedError):  # through the proxy (HTTPS_PROXY) or directly (urllib ignores ALL_PROXY)
+            # a fresh opener reads the proxy now (urlopen would cache it for later tests)
+            urllib.request.build_opener().open("https://example.com/", timeout=2)
         proxy.setblocking(False)
         with pytest.raises(BlockingIOError):
             proxy.accept()  # nothing reached the proxy
 
 
-def test_loopback_stays_open():
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(1)
-    client = socket.create_connection(server.getsockname(), timeout=5)
-    client.close()
-    server.close()
+def test_loopback_stays_open_while_the_guard_is_on():
+    assert getattr(socket.socket, "_effnb_blocked", False), "conftest.py installs the guard"
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+            connection, _ = server.accept()
+            client.sendall(b"ping")
+            assert connection.recv(4) == b"ping"
+            connection.close()
+    with pytest.raises(config.NetworkBlockedError):  # the same call to another machine is refused
+        socket.create_connection(("10.0.0.1", port), timeout=5)
 
 
 def test_smoke_run_picks_the_smoke_value_on_the_full_profile_only(monkeypatch):

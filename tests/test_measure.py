@@ -35,10 +35,16 @@ def test_flops_match_hand_count():
     assert measure.count_flops(conv, torch.zeros(2, 3, 10, 10)) == 2 * 2 * 16 * 10 * 10 * 27
 
 
-def test_latency_is_median_of_repeats():
+def test_latency_is_median_of_repeats(monkeypatch):
+    # A scripted clock: the five timed calls last 5, 1, 3, 100 and 2 s, so the median is 3 s
+    # (the mean would be 22.2 s, the minimum 1 s); warm-up calls are not timed.
+    durations = [5.0, 1.0, 3.0, 100.0, 2.0]
+    ticks = iter([t for i, d in enumerate(durations) for t in (10.0 * i, 10.0 * i + d)])
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: next(ticks))
     calls = []
-    assert measure.latency(lambda: calls.append(1), warmup=2, repeats=5) >= 0
+    assert measure.latency(lambda: calls.append(1), warmup=2, repeats=5) == 3.0
     assert len(calls) == 7
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="need warmup >= 0 and repeats >= 1"):
         measure.latency(lambda: None, repeats=0)
 

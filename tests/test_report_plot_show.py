@@ -61,7 +61,8 @@ def test_reproduced_must_be_a_real_bool():
 
 
 def test_colours_are_stable_and_unknown_roles_fail():
-    assert plot.color("baseline") == plot.COLORS["baseline"]
+    # Pinned: a method keeps its colour in every chapter (Okabe-Ito grey and vermilion).
+    assert (plot.color("baseline"), plot.color("method"), plot.color("alternative")) == ("#7f7f7f", "#d55e00", "#0072b2")
     assert len(set(plot.COLORS.values())) >= 8
     with pytest.raises(KeyError, match="no colour for 'fancy'"):
         plot.color("fancy")

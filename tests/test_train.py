@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,11 @@ def test_fit_rejects_bad_arguments(digits):
 def test_checkpoint_round_trip(tmp_path, digits):
     model = SmallCNN(width=4)
     path = train.save_checkpoint(model, tmp_path / "m.safetensors", {"epochs": 3, "note": "x"})
-    assert path.read_bytes()[:8]  # a real file, written with safetensors
+    raw = path.read_bytes()  # safetensors: u64 header length, JSON header, then the tensors
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+    assert json.loads(header["__metadata__"]["effnb"]) == {"epochs": 3, "note": "x"}
+    assert set(header) - {"__metadata__"} == set(model.state_dict())
+    assert header["head.weight"]["shape"] == [10, 8] and header["head.weight"]["dtype"] == "F32"
     other = SmallCNN(width=4)
     assert train.load_checkpoint(other, path) == {"epochs": 3, "note": "x"}
     for key, value in model.state_dict().items():
