@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from effnb.config import check_choice
+
 __all__ = [
     "REGISTRY",
     "RemoteFile",
@@ -241,8 +243,7 @@ def fetch(name: str, root: str | Path, download: bool = False) -> list[Path]:
     ``FileNotFoundError`` says where to put them. A file whose sha256 differs raises ``ValueError``.
     Introduced in Chapter 0.
     """
-    if name not in REGISTRY:
-        raise ValueError(f"unknown data set {name!r}; known: {', '.join(sorted(REGISTRY))}.")
+    check_choice("name", name, sorted(REGISTRY))
     root = Path(root)
     paths = []
     for remote in REGISTRY[name]:

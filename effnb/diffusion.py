@@ -19,14 +19,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DiTTransformer2DModel, UNet2DModel
 from tqdm import tqdm
 
-from effnb.config import progress_enabled
+from effnb.config import PROFILES, Profile, check_choice, progress_enabled
 from effnb.data import atomic_path, check_sha256, read_sha256sums, sha256_of, write_sha256sums
 from effnb.train import load_checkpoint, read_checkpoint_metadata, save_checkpoint
 
@@ -34,7 +33,6 @@ __all__ = [
     "CHECKPOINT_DIR",
     "MAKE_SCRIPT",
     "REFERENCE_NAMES",
-    "SIZES",
     "SampleQuality",
     "TimestepSampler",
     "TrainHistory",
@@ -60,19 +58,12 @@ __all__ = [
     "variance_increment",
 ]
 
-Size = Literal["ci", "full"]
-SIZES: tuple[str, ...] = ("ci", "full")
 SCHEDULES: tuple[str, ...] = ("linear", "cosine")
 SCHEDULER_KINDS: tuple[str, ...] = ("ddpm", "ddim")
 
 # A time-step sampler draws ``batch_size`` time steps in [0, T) with the given generator: (B,) int64.
 TimestepSampler = Callable[[int, torch.Generator], torch.Tensor]
 DiffusionModel = DiTTransformer2DModel | UNet2DModel
-
-
-def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not valid; use one of {', '.join(map(repr, allowed))}.")
 
 
 # ----------------------------------------------------------------------------- models
@@ -92,7 +83,7 @@ _DIT_SIZES = {"ci": DiTSize(heads=2, head_dim=16, layers=2, patch_size=2),
               "full": DiTSize(heads=4, head_dim=64, layers=6, patch_size=4)}
 
 
-def tiny_dit(size: Size = "ci", sample_size: int | None = None, in_channels: int = 1,
+def tiny_dit(size: Profile = "ci", sample_size: int | None = None, in_channels: int = 1,
              num_classes: int = 10) -> DiTTransformer2DModel:
     r"""A class-conditional DiT (Peebles & Xie 2023) from diffusers, with adaLN-Zero blocks.
 
@@ -102,7 +93,7 @@ def tiny_dit(size: Size = "ci", sample_size: int | None = None, in_channels: int
     Note: diffusers' label embedding drops 10% of labels to a null class while training (for
     classifier-free guidance). Introduced in Chapter 2.
     """
-    _check_choice("size", size, SIZES)
+    check_choice("size", size, PROFILES)
     cfg = _DIT_SIZES[size]
     sample_size = sample_size if sample_size is not None else (8 if size == "ci" else 32)
     if sample_size % cfg.patch_size:
@@ -113,7 +104,7 @@ def tiny_dit(size: Size = "ci", sample_size: int | None = None, in_channels: int
         patch_size=cfg.patch_size, num_embeds_ada_norm=num_classes, norm_type="ada_norm_zero")
 
 
-def tiny_unet(size: Size = "ci", sample_size: int | None = None, in_channels: int = 1,
+def tiny_unet(size: Profile = "ci", sample_size: int | None = None, in_channels: int = 1,
               num_classes: int = 10) -> UNet2DModel:
     r"""A class-conditional UNet (Ho et al. 2020) from diffusers: ResNet blocks with a sinusoidal
     time embedding, self-attention at the lowest resolution, class embedding added to the time one.
@@ -122,7 +113,7 @@ def tiny_unet(size: Size = "ci", sample_size: int | None = None, in_channels: in
     ``size="full"``: channels (64, 128, 128), attention at H/2 and H/4 (for 32×32).
     Input and output: (B, C, H, W). Introduced in Chapter 2.
     """
-    _check_choice("size", size, SIZES)
+    check_choice("size", size, PROFILES)
     sample_size = sample_size if sample_size is not None else (8 if size == "ci" else 32)
     if size == "ci":
         channels, down, up = (16, 32), ("DownBlock2D", "AttnDownBlock2D"), ("AttnUpBlock2D", "UpBlock2D")
@@ -158,8 +149,8 @@ def make_scheduler(schedule: str = "linear", kind: str = "ddpm",
     "cosine" (Nichol & Dhariwal 2021); ``kind`` "ddpm" (training, ancestral sampling) or "ddim"
     (deterministic sampling in few steps, Song et al. 2021). Introduced in Chapter 2.
     """
-    _check_choice("schedule", schedule, SCHEDULES)
-    _check_choice("kind", kind, SCHEDULER_KINDS)
+    check_choice("schedule", schedule, SCHEDULES)
+    check_choice("kind", kind, SCHEDULER_KINDS)
     beta_schedule = "linear" if schedule == "linear" else "squaredcos_cap_v2"
     common = dict(num_train_timesteps=num_train_timesteps, beta_start=1e-4, beta_end=0.02,
                   beta_schedule=beta_schedule, clip_sample=True, prediction_type="epsilon")
@@ -525,8 +516,8 @@ def load_reference(name: str, directory: Path | str = CHECKPOINT_DIR,
     """
     directory = Path(directory)
     path = directory / f"{name}.safetensors"
-    if directory == CHECKPOINT_DIR and name not in REFERENCE_NAMES:
-        raise ValueError(f"no reference checkpoint {name!r}; use one of {', '.join(map(repr, REFERENCE_NAMES))}.")
+    if directory == CHECKPOINT_DIR:
+        check_choice("name", name, REFERENCE_NAMES)
     expected = read_sha256sums(directory / _MANIFEST).get(path.name)
     if not path.exists() or expected is None:
         raise FileNotFoundError(f"Checkpoint {path} or its sha256 entry is missing; re-create it with `{MAKE_SCRIPT}`.")
@@ -536,8 +527,8 @@ def load_reference(name: str, directory: Path | str = CHECKPOINT_DIR,
     if "kind" not in metadata or "config" not in metadata:
         raise ValueError(f"Checkpoint {path} lacks the metadata 'kind', 'config' that save_reference writes; {fix}.")
     if metadata["kind"] not in _KINDS:
-        raise ValueError(f"Checkpoint {path} has kind={metadata['kind']!r}, which is not valid "
-                         f"(use one of {', '.join(map(repr, _KINDS))}); {fix}.")
+        raise ValueError(f"Checkpoint {path} has kind={metadata['kind']!r}, which load_reference cannot "
+                         f"build (it builds {', '.join(map(repr, _KINDS))}); {fix}.")
     model = _build(metadata["kind"], metadata["config"])
     load_checkpoint(model, path)  # the sha256 was checked above
     return model.to(device).eval(), metadata

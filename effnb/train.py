@@ -21,9 +21,10 @@ __all__ = ["Accuracy", "History", "evaluate", "fit", "load_checkpoint", "read_ch
 
 @dataclass
 class History:
-    """Mean training loss of each epoch."""
+    """Mean training loss of each epoch, ``losses[e]`` for epoch ``e`` (the same field name as
+    :class:`effnb.diffusion.TrainHistory`, which keeps one loss per step)."""
 
-    loss: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ def fit(
             optimizer.step()
             total += loss.item() * len(idx)
             count += len(idx)
-        history.loss.append(total / count)
+        history.losses.append(total / count)
     return history
 
 

@@ -122,7 +122,7 @@ def test_corrupt_file_is_refused(tmp_path, monkeypatch):
 
 
 def test_unknown_data_set_names_known_ones(tmp_path):
-    with pytest.raises(ValueError, match="unknown data set 'imagenet'; known: cifar10, mnist"):
+    with pytest.raises(ValueError, match=r"name='imagenet' is not valid; use one of 'cifar10', 'mnist'\."):
         data.fetch("imagenet", tmp_path)
 
 

@@ -263,7 +263,7 @@ def test_checkpoint_errors_name_the_script(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"dit\.safetensors is corrupt \(sha256 .*re-create it with `python scripts/make_diffusion"):
         D.load_reference("dit", directory=tmp_path)
-    with pytest.raises(ValueError, match="no reference checkpoint 'nope'; use one of 'dit_digits8'"):
+    with pytest.raises(ValueError, match="name='nope' is not valid; use one of 'dit_digits8'"):
         D.load_reference("nope")
     with pytest.raises(ValueError, match="needs config=... .* for a classifier"):
         D.save_reference(SmallCNN(width=4), "clf", directory=tmp_path)
@@ -349,8 +349,8 @@ def _hand_made_checkpoint(directory, metadata):
 
 def test_an_unknown_kind_is_refused_in_one_sentence(tmp_path):
     _hand_made_checkpoint(tmp_path, {"kind": "vae", "config": {"width": 4}})
-    with pytest.raises(ValueError, match=r"odd\.safetensors has kind='vae', which is not valid \(use one of "
-                                         r"'dit', 'unet', 'classifier'\); re-create it with `python scripts"):
+    with pytest.raises(ValueError, match=r"odd\.safetensors has kind='vae', which load_reference cannot build "
+                                         r"\(it builds 'dit', 'unet', 'classifier'\); re-create it with `python scripts"):
         D.load_reference("odd", directory=tmp_path)
 
 

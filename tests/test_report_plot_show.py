@@ -64,7 +64,7 @@ def test_colours_are_stable_and_unknown_roles_fail():
     # Pinned: a method keeps its colour in every chapter (Okabe-Ito grey and vermilion).
     assert (plot.color("baseline"), plot.color("method"), plot.color("alternative")) == ("#7f7f7f", "#d55e00", "#0072b2")
     assert len(set(plot.COLORS.values())) >= 8
-    with pytest.raises(KeyError, match="no colour for 'fancy'"):
+    with pytest.raises(ValueError, match=r"role='fancy' is not valid; use one of 'alternative', 'baseline'"):
         plot.color("fancy")
     fig, axes = plot.new_figure(ncols=2)
     assert len(axes) == 2 and fig.get_dpi() == 100

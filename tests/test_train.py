@@ -19,7 +19,7 @@ def test_fit_learns_digits_and_is_deterministic(digits):
     torch.manual_seed(0)
     a = SmallCNN(width=8)
     history = train.fit(a, digits.x_train, digits.y_train, epochs=3, lr=1e-2, seed=0)
-    assert len(history.loss) == 3 and history.loss[-1] < history.loss[0]
+    assert len(history.losses) == 3 and history.losses[-1] < history.losses[0]
     acc = train.evaluate(a, digits.x_test, digits.y_test)
     assert acc.overall > 0.7  # chance is 0.1
     torch.manual_seed(0)
