@@ -238,8 +238,10 @@ def _check_address(address: object) -> None:
 
 
 def _check_host(host: object) -> None:
-    """Raise unless a name to resolve is loopback (``None`` asks for the local wildcard address)."""
-    if host is not None and not is_loopback(host):
+    """Raise unless a name to resolve is loopback or this machine's own name (``socket.getfqdn``,
+    ``http.server`` and others look it up; the address it gives is still checked at connect time).
+    ``None`` asks for the local wildcard address."""
+    if host is not None and not is_loopback(host) and host != socket.gethostname():
         raise _refuse(host)
 
 
@@ -253,8 +255,8 @@ def block_network() -> None:
       reach only loopback (:func:`is_loopback`: 127.0.0.0/8, ``::1``, ``localhost`` exactly), since
       Jupyter kernels talk to their client over it; Unix sockets are left alone;
     - name resolution: ``getaddrinfo``, ``gethostbyname``, ``gethostbyname_ex`` and
-      ``gethostbyaddr`` refuse any other name (``create_connection`` resolves through
-      ``getaddrinfo``), so no DNS query leaves the machine;
+      ``gethostbyaddr`` refuse any other name except this machine's own (``create_connection``
+      resolves through ``getaddrinfo``), so no DNS query for another machine leaves;
     - proxies: a proxy on loopback would forward a request to the internet, so a loopback address
       that a proxy variable (``HTTPS_PROXY``, ``HTTP_PROXY``, ``ALL_PROXY``, ..., either case) names
       is refused too. The variables are read at each connection rather than cleared once, so a

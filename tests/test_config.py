@@ -110,6 +110,7 @@ def test_every_resolver_is_blocked(resolve):
     with pytest.raises(config.NetworkBlockedError, match="'example.com' is blocked"):
         resolve("example.com")
     assert "127.0.0.1" in str(socket.gethostbyname("localhost"))
+    assert socket.getfqdn()  # this machine's own name still resolves (http.server and others need it)
 
 
 def test_datagrams_are_blocked_except_to_loopback():
