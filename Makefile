@@ -22,15 +22,16 @@ test: $(STAMP) browser  ## unit tests, notebook conventions, nbval over every ch
 	$(BIN)/python -m pytest
 
 # The browser test (tests/test_browser.py) needs Debian's chromium and chromedriver. As root with
-# apt-get, install them when missing; never fail here: without them the test skips with a reason.
+# apt-get, install them when missing; never fail here: without them the test skips with a reason
+# (and fails under CI=true, where a missing browser is a broken setup).
 browser:
 	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  echo "installing chromium and chromium-driver for the browser test ..."; \
 	  (apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 \
 	    || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1)) \
-	    || echo "could not install chromium; tests/test_browser.py will be skipped"; \
-	else echo "chromium not found and not root with apt-get; tests/test_browser.py will be skipped"; fi
+	    || echo "could not install chromium; tests/test_browser.py will skip (fail under CI=true)"; \
+	else echo "chromium not found and not root with apt-get; tests/test_browser.py will skip (fail under CI=true)"; fi
 
 outputs: $(STAMP)  ## re-execute the chapters and store their ci outputs in notebooks/
 	$(BIN)/python scripts/run_notebooks.py --refresh

@@ -1,9 +1,12 @@
-"""Test-wide settings: no network, quiet progress bars, the ci profile, a small thread count.
+"""Test-wide settings: no network, quiet progress bars, the ci profile, a small thread count,
+and :func:`skip_or_fail` for tests that need something this machine may lack.
 
 The environment variables are inherited by the Jupyter kernels that nbval starts, and
 ``effnb/__init__.py`` installs the same socket guard in them when ``EFFNB_BLOCK_NETWORK=1``.
 """
 import os
+
+import pytest
 
 os.environ["EFFNB_BLOCK_NETWORK"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -15,3 +18,14 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 from effnb.config import block_network  # noqa: E402
 
 block_network()
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip the calling test with ``reason`` locally, but fail it when ``CI`` is set (``true``/``1``/``yes``).
+
+    On a CI machine a missing browser or checkpoint means the setup is broken, and a skip would
+    hide it behind a green run; on a reader's machine it is a choice, so it stays a skip.
+    """
+    if os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}:
+        pytest.fail(f"{reason}; CI is set, so this fails instead of skipping", pytrace=False)
+    pytest.skip(reason)

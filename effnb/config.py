@@ -8,9 +8,11 @@ Introduced in Chapter 0.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import random
 import socket
+import urllib.parse
 from dataclasses import dataclass
 from typing import Literal
 
@@ -23,7 +25,9 @@ __all__ = [
     "Run",
     "block_network",
     "check_choice",
+    "check_count",
     "choose_device",
+    "is_loopback",
     "progress_enabled",
     "resolve_profile",
     "seed_everything",
@@ -44,6 +48,19 @@ def check_choice(name: str, value: object, choices: "tuple | list | dict") -> No
     """
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not valid; use one of {', '.join(map(repr, choices))}.")
+
+
+def check_count(name: str, value: object, example: int) -> None:
+    """Raise one sentence unless ``value`` is a whole number >= 1 (a step, epoch, batch or size count).
+
+    ``TypeError`` for a non-int (``1.5``, ``"3"``, ``True``), ``ValueError`` for 0 or less; both read
+    ``NAME=v must be a whole number >= 1, e.g. NAME=example.`` Introduced in Chapter 0.
+    """
+    message = f"{name}={value!r} must be a whole number >= 1, e.g. {name}={example}."
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(message)
+    if value < 1:
+        raise ValueError(message)
 
 
 def resolve_profile(profile: str) -> Profile:
@@ -150,47 +167,143 @@ def setup(profile: str = "ci", seed: int = 0, device: str = "auto", threads: int
     return Run(profile=chosen, seed=seed, device=dev, smoke=smoke and chosen == "full")
 
 
-_LOOPBACK = ("127.", "::1", "localhost")
-
-
 class NetworkBlockedError(RuntimeError):
     """Raised when code tries to reach another machine while the network is blocked."""
 
 
-def block_network() -> None:
-    """Make every connection to a non-loopback address fail at once (used by the tests).
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy",
+                    "FTP_PROXY", "ftp_proxy", "WS_PROXY", "ws_proxy", "WSS_PROXY", "wss_proxy")
+_DEFAULT_PORTS = {"http": 80, "https": 443, "socks4": 1080, "socks4a": 1080, "socks5": 1080, "socks5h": 1080}
 
-    Loopback stays open because Jupyter kernels talk to their client over it.
+
+def is_loopback(host: object) -> bool:
+    """Whether ``host`` names this machine exactly: an address in 127.0.0.0/8 or ``::1`` (also as
+    ``::ffff:127.x.y.z``), the name ``localhost`` (any case), or ``""`` (Python's "this host").
+
+    Look-alikes such as ``localhost.example.org`` or ``127.0.0.1.nip.io`` are other machines.
+    Introduced in Chapter 0.
+    """
+    if isinstance(host, bytes):
+        host = host.decode("ascii", "replace")
+    if not isinstance(host, str):
+        return False
+    if host == "" or host.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])  # drop an IPv6 zone such as %lo
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return bool(address.is_loopback or (mapped is not None and mapped.is_loopback))
+
+
+_SEEN_PROXY_PORTS: dict[int, str] = {}
+
+
+def _proxy_on(host: object, port: object) -> str | None:
+    """The proxy variable that names loopback ``host:port`` as a proxy, now or at any earlier check
+    (read at each call, so a proxy set after :func:`block_network` is caught too, and remembered,
+    because an HTTP client may keep a proxy it read before the variable was removed)."""
+    _remember_proxies()
+    return _SEEN_PROXY_PORTS.get(port) if isinstance(port, int) else None
+
+
+def _remember_proxies() -> None:
+    for variable in _PROXY_VARIABLES:
+        url = os.environ.get(variable, "").strip()
+        if not url:
+            continue
+        parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+        try:
+            proxy_port = parts.port or _DEFAULT_PORTS.get(parts.scheme.lower(), 80)
+        except ValueError:
+            continue
+        if is_loopback(parts.hostname or ""):
+            _SEEN_PROXY_PORTS.setdefault(proxy_port, variable)
+
+
+def _refuse(host: object) -> NetworkBlockedError:
+    return NetworkBlockedError(f"network access to {host!r} is blocked; effnb runs offline by default.")
+
+
+def _check_address(address: object) -> None:
+    """Raise unless an AF_INET/AF_INET6 ``address`` is loopback and not a proxy's."""
+    host, port = (address[0], address[1]) if isinstance(address, tuple) and len(address) >= 2 else (address, None)
+    if not is_loopback(host):
+        raise _refuse(host)
+    variable = _proxy_on(host, port)
+    if variable is not None:
+        raise NetworkBlockedError(f"network access through the proxy {host}:{port} ({variable}) is blocked; "
+                                  "effnb runs offline by default.")
+
+
+def _check_host(host: object) -> None:
+    """Raise unless a name to resolve is loopback or this machine's own name (``socket.getfqdn``,
+    ``http.server`` and others look it up; the address it gives is still checked at connect time).
+    ``None`` asks for the local wildcard address."""
+    if host is not None and not is_loopback(host) and host != socket.gethostname():
+        raise _refuse(host)
+
+
+def block_network() -> None:
+    """Make every connection to another machine fail at once (the tests and the notebook runs call it).
+
+    What it covers, in this process (children inherit it through ``EFFNB_BLOCK_NETWORK=1``, which
+    makes ``import effnb`` call it):
+
+    - sockets: ``connect``, ``connect_ex``, ``sendto`` and ``sendmsg`` of AF_INET/AF_INET6 sockets
+      reach only loopback (:func:`is_loopback`: 127.0.0.0/8, ``::1``, ``localhost`` exactly), since
+      Jupyter kernels talk to their client over it; Unix sockets are left alone;
+    - name resolution: ``getaddrinfo``, ``gethostbyname``, ``gethostbyname_ex`` and
+      ``gethostbyaddr`` refuse any other name except this machine's own (``create_connection``
+      resolves through ``getaddrinfo``), so no DNS query for another machine leaves;
+    - proxies: a proxy on loopback would forward a request to the internet, so a loopback address
+      that a proxy variable (``HTTPS_PROXY``, ``HTTP_PROXY``, ``ALL_PROXY``, ..., either case) names
+      is refused too. The variables are read at each connection rather than cleared once, so a
+      proxy set later is caught, and child processes that are meant to reach the network (``pip``
+      in a test) keep their proxy settings. A proxy on another machine is refused anyway.
+
+    Calling it twice does nothing. Introduced in Chapter 0.
     """
     if getattr(socket.socket, "_effnb_blocked", False):
         return
-    original_connect = socket.socket.connect
-    original_connect_ex = socket.socket.connect_ex
+    _remember_proxies()
+    original = {name: getattr(socket.socket, name) for name in ("connect", "connect_ex", "sendto", "sendmsg")}
 
-    def _check(address) -> None:
-        host = address[0] if isinstance(address, tuple) else str(address)
-        if isinstance(host, str) and (host.startswith(_LOOPBACK) or host == "" or "/" in host):
-            return
-        raise NetworkBlockedError(f"network access to {host!r} is blocked; effnb runs offline by default.")
+    def _guarded(self) -> bool:  # noqa: ANN001
+        return self.family in (socket.AF_INET, socket.AF_INET6)
 
     def connect(self, address):  # noqa: ANN001 - socket's own signature
-        if self.family in (socket.AF_INET, socket.AF_INET6):
-            _check(address)
-        return original_connect(self, address)
+        if _guarded(self):
+            _check_address(address)
+        return original["connect"](self, address)
 
     def connect_ex(self, address):  # noqa: ANN001
-        if self.family in (socket.AF_INET, socket.AF_INET6):
-            _check(address)
-        return original_connect_ex(self, address)
+        if _guarded(self):
+            _check_address(address)
+        return original["connect_ex"](self, address)
 
-    socket.socket.connect = connect  # type: ignore[method-assign]
-    socket.socket.connect_ex = connect_ex  # type: ignore[method-assign]
+    def sendto(self, data, *flags_and_address):  # noqa: ANN001 - sendto(data, [flags,] address)
+        if _guarded(self) and flags_and_address:
+            _check_address(flags_and_address[-1])
+        return original["sendto"](self, data, *flags_and_address)
+
+    def sendmsg(self, buffers, *rest):  # noqa: ANN001 - sendmsg(buffers[, ancdata[, flags[, address]]])
+        if _guarded(self) and len(rest) >= 3 and rest[2] is not None:
+            _check_address(rest[2])
+        return original["sendmsg"](self, buffers, *rest)
+
+    for name, method in (("connect", connect), ("connect_ex", connect_ex), ("sendto", sendto), ("sendmsg", sendmsg)):
+        setattr(socket.socket, name, method)
     socket.socket._effnb_blocked = True  # type: ignore[attr-defined]
-    original_getaddrinfo = socket.getaddrinfo
 
-    def getaddrinfo(host, *args, **kwargs):  # noqa: ANN001
-        if host not in (None, "localhost") and not str(host).startswith(_LOOPBACK):
-            raise NetworkBlockedError(f"network access to {host!r} is blocked; effnb runs offline by default.")
-        return original_getaddrinfo(host, *args, **kwargs)
+    def _resolver(resolve):  # noqa: ANN001, ANN202
+        def guarded(host, *args, **kwargs):  # noqa: ANN001, ANN202
+            _check_host(host)
+            return resolve(host, *args, **kwargs)
 
-    socket.getaddrinfo = getaddrinfo
+        guarded.__name__ = resolve.__name__
+        return guarded
+
+    for name in ("getaddrinfo", "gethostbyname", "gethostbyname_ex", "gethostbyaddr"):
+        setattr(socket, name, _resolver(getattr(socket, name)))

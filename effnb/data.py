@@ -10,10 +10,14 @@ from __future__ import annotations
 import gzip
 import hashlib
 import math
+import os
 import shutil
 import struct
 import tarfile
+import tempfile
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,10 +25,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from effnb.config import check_choice
+
 __all__ = [
     "REGISTRY",
     "RemoteFile",
     "Split",
+    "atomic_path",
+    "check_sha256",
     "class_counts",
     "fetch",
     "load_cifar10",
@@ -34,7 +42,9 @@ __all__ = [
     "long_tail_subset",
     "read_cifar10_binary",
     "read_idx",
+    "read_sha256sums",
     "sha256_of",
+    "write_sha256sums",
 ]
 
 
@@ -166,31 +176,90 @@ def sha256_of(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def check_sha256(path: str | Path, expected: str, fix: str, label: str | None = None) -> None:
+    """Raise one ``ValueError`` sentence unless the file at ``path`` has the hex sha256 ``expected``.
+
+    The one check every effnb file goes through (downloads, checkpoints, reference models):
+    ``LABEL is corrupt (sha256 abc… instead of def…); FIX.`` ``label`` defaults to the path.
+    Introduced in Chapter 0.
+    """
+    actual = sha256_of(path)
+    if actual != expected.lower():
+        raise ValueError(f"{label or path} is corrupt (sha256 {actual[:12]}… instead of {expected[:12]}…); {fix}.")
+
+
+@contextmanager
+def atomic_path(path: str | Path, sha256: str | None = None, fix: str = "write it again") -> Iterator[Path]:
+    """Write a file all at once or not at all: yields a temporary path in the same folder; when the
+    block ends without error (and the temporary file has the given ``sha256``, if any), it replaces
+    ``path`` with ``os.replace``, which is atomic on one file system.
+
+    On any error the temporary file is deleted and ``path`` keeps its old content, so an interrupt
+    never leaves a half-written file or a ``.part`` behind. The new file keeps the old one's
+    permission bits (0o644 for a new file). Introduced in Chapter 0.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # ".name.x1y2.part.ext": hidden, clearly temporary, and still ending in the file's own suffix
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".part{path.suffix}")
+    os.close(handle)
+    tmp = Path(name)
+    try:
+        yield tmp
+        if sha256 is not None:
+            check_sha256(tmp, sha256, fix, label=path)
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_sha256sums(path: str | Path) -> dict[str, str]:
+    """``{file name: hex sha256}`` from a manifest in ``sha256sum`` format (``<digest>  <name>`` a line).
+
+    A missing manifest reads as empty. The one manifest format of the book (bundled data,
+    reference checkpoints); ``sha256sum -c SHA256SUMS`` checks it without Python. Introduced in Chapter 2.
+    """
+    path = Path(path)
+    if not path.exists():
+        return {}
+    rows = (line.split(maxsplit=1) for line in path.read_text().splitlines() if line.strip())
+    return {name.strip().lstrip("*"): digest.lower() for digest, name in rows}
+
+
+def write_sha256sums(path: str | Path, digests: dict[str, str]) -> None:
+    """Write ``digests`` (``{file name: hex sha256}``) as a ``sha256sum`` manifest, sorted by name,
+    atomically (:func:`atomic_path`). Introduced in Chapter 2.
+    """
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(f"{digest}  {name}\n" for name, digest in sorted(digests.items())))
+
+
 def fetch(name: str, root: str | Path, download: bool = False) -> list[Path]:
     """Paths of data set ``name``'s files under ``root``, checked against their sha256.
 
-    Missing files are downloaded only when ``download=True``; otherwise a ``FileNotFoundError``
-    says where to put them. A file whose sha256 differs raises ``ValueError``. Introduced in Chapter 0.
+    Missing files are downloaded only when ``download=True``, into a temporary file that replaces
+    the final name only after its sha256 matched (:func:`atomic_path`); otherwise a
+    ``FileNotFoundError`` says where to put them. A file whose sha256 differs raises ``ValueError``.
+    Introduced in Chapter 0.
     """
-    if name not in REGISTRY:
-        raise ValueError(f"unknown data set {name!r}; known: {', '.join(sorted(REGISTRY))}.")
+    check_choice("name", name, sorted(REGISTRY))
     root = Path(root)
     paths = []
     for remote in REGISTRY[name]:
         path = root / remote.filename
-        if not path.exists():
-            if not download:
-                raise FileNotFoundError(
-                    f"{path} is missing; pass download=True (needs internet) or copy {remote.filename} into {root}."
-                )
-            root.mkdir(parents=True, exist_ok=True)
-            partial = path.with_suffix(path.suffix + ".part")
-            with urllib.request.urlopen(remote.url, timeout=60) as response, open(partial, "wb") as out:
-                shutil.copyfileobj(response, out)
-            partial.rename(path)
-        actual = sha256_of(path)
-        if actual != remote.sha256:
-            raise ValueError(f"{path} has sha256 {actual[:12]}…, expected {remote.sha256[:12]}…; delete it and fetch again.")
+        fix = "delete it and fetch again (download=True)"
+        if path.exists():
+            check_sha256(path, remote.sha256, fix)
+        elif not download:
+            raise FileNotFoundError(
+                f"{path} is missing; pass download=True (needs internet) or copy {remote.filename} into {root}."
+            )
+        else:
+            fix_download = f"nothing was kept; fetch again, or check the URL {remote.url} in effnb.data.REGISTRY"
+            with atomic_path(path, sha256=remote.sha256, fix=fix_download) as partial:
+                with urllib.request.urlopen(remote.url, timeout=60) as response, open(partial, "wb") as out:
+                    shutil.copyfileobj(response, out)
         paths.append(path)
     return paths
 

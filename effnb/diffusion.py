@@ -19,22 +19,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DiTTransformer2DModel, UNet2DModel
 from tqdm import tqdm
 
-from effnb.config import progress_enabled
-from effnb.data import sha256_of
+from effnb.config import PROFILES, Profile, check_choice, progress_enabled
+from effnb.data import atomic_path, check_sha256, read_sha256sums, sha256_of, write_sha256sums
 from effnb.train import load_checkpoint, read_checkpoint_metadata, save_checkpoint
 
 __all__ = [
     "CHECKPOINT_DIR",
     "MAKE_SCRIPT",
     "REFERENCE_NAMES",
-    "SIZES",
     "SampleQuality",
     "TimestepSampler",
     "TrainHistory",
@@ -60,19 +58,12 @@ __all__ = [
     "variance_increment",
 ]
 
-Size = Literal["ci", "full"]
-SIZES: tuple[str, ...] = ("ci", "full")
 SCHEDULES: tuple[str, ...] = ("linear", "cosine")
 SCHEDULER_KINDS: tuple[str, ...] = ("ddpm", "ddim")
 
 # A time-step sampler draws ``batch_size`` time steps in [0, T) with the given generator: (B,) int64.
 TimestepSampler = Callable[[int, torch.Generator], torch.Tensor]
 DiffusionModel = DiTTransformer2DModel | UNet2DModel
-
-
-def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not valid; use one of {', '.join(map(repr, allowed))}.")
 
 
 # ----------------------------------------------------------------------------- models
@@ -92,7 +83,7 @@ _DIT_SIZES = {"ci": DiTSize(heads=2, head_dim=16, layers=2, patch_size=2),
               "full": DiTSize(heads=4, head_dim=64, layers=6, patch_size=4)}
 
 
-def tiny_dit(size: Size = "ci", sample_size: int | None = None, in_channels: int = 1,
+def tiny_dit(size: Profile = "ci", sample_size: int | None = None, in_channels: int = 1,
              num_classes: int = 10) -> DiTTransformer2DModel:
     r"""A class-conditional DiT (Peebles & Xie 2023) from diffusers, with adaLN-Zero blocks.
 
@@ -102,7 +93,7 @@ def tiny_dit(size: Size = "ci", sample_size: int | None = None, in_channels: int
     Note: diffusers' label embedding drops 10% of labels to a null class while training (for
     classifier-free guidance). Introduced in Chapter 2.
     """
-    _check_choice("size", size, SIZES)
+    check_choice("size", size, PROFILES)
     cfg = _DIT_SIZES[size]
     sample_size = sample_size if sample_size is not None else (8 if size == "ci" else 32)
     if sample_size % cfg.patch_size:
@@ -113,7 +104,7 @@ def tiny_dit(size: Size = "ci", sample_size: int | None = None, in_channels: int
         patch_size=cfg.patch_size, num_embeds_ada_norm=num_classes, norm_type="ada_norm_zero")
 
 
-def tiny_unet(size: Size = "ci", sample_size: int | None = None, in_channels: int = 1,
+def tiny_unet(size: Profile = "ci", sample_size: int | None = None, in_channels: int = 1,
               num_classes: int = 10) -> UNet2DModel:
     r"""A class-conditional UNet (Ho et al. 2020) from diffusers: ResNet blocks with a sinusoidal
     time embedding, self-attention at the lowest resolution, class embedding added to the time one.
@@ -122,7 +113,7 @@ def tiny_unet(size: Size = "ci", sample_size: int | None = None, in_channels: in
     ``size="full"``: channels (64, 128, 128), attention at H/2 and H/4 (for 32×32).
     Input and output: (B, C, H, W). Introduced in Chapter 2.
     """
-    _check_choice("size", size, SIZES)
+    check_choice("size", size, PROFILES)
     sample_size = sample_size if sample_size is not None else (8 if size == "ci" else 32)
     if size == "ci":
         channels, down, up = (16, 32), ("DownBlock2D", "AttnDownBlock2D"), ("AttnUpBlock2D", "UpBlock2D")
@@ -158,8 +149,8 @@ def make_scheduler(schedule: str = "linear", kind: str = "ddpm",
     "cosine" (Nichol & Dhariwal 2021); ``kind`` "ddpm" (training, ancestral sampling) or "ddim"
     (deterministic sampling in few steps, Song et al. 2021). Introduced in Chapter 2.
     """
-    _check_choice("schedule", schedule, SCHEDULES)
-    _check_choice("kind", kind, SCHEDULER_KINDS)
+    check_choice("schedule", schedule, SCHEDULES)
+    check_choice("kind", kind, SCHEDULER_KINDS)
     beta_schedule = "linear" if schedule == "linear" else "squaredcos_cap_v2"
     common = dict(num_train_timesteps=num_train_timesteps, beta_start=1e-4, beta_end=0.02,
                   beta_schedule=beta_schedule, clip_sample=True, prediction_type="epsilon")
@@ -393,6 +384,18 @@ def feature_statistics(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray,
     return f.mean(axis=0), np.cov(f, rowvar=False)
 
 
+def _check_covariance(name: str, sigma: np.ndarray) -> None:
+    """Raise unless ``sigma`` is symmetric positive semi-definite, up to rounding (1e-9 of its scale)."""
+    sigma = np.asarray(sigma, dtype=np.float64)
+    scale = max(float(np.abs(sigma).max(initial=0.0)), 1e-300)
+    fix = "compute it with feature_statistics(features) from (N, F) features"
+    if sigma.ndim != 2 or sigma.shape[0] != sigma.shape[1] or not np.allclose(sigma, sigma.T, rtol=0, atol=1e-9 * scale):
+        raise ValueError(f"{name} is not a covariance matrix: it is not symmetric; {fix}.")
+    smallest = float(np.linalg.eigvalsh(sigma).min())
+    if smallest < -1e-9 * scale:
+        raise ValueError(f"{name} is not a covariance matrix: it has the negative eigenvalue {smallest:.3g}; {fix}.")
+
+
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     r"""Fréchet distance between Gaussians (Dowson & Landau 1982; Heusel et al. 2017, the FID formula):
 
@@ -400,10 +403,14 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
     :math:`\operatorname{Tr}(\Sigma_1\Sigma_2)^{1/2} = \sum_i \sqrt{\lambda_i}` over the eigenvalues
     of :math:`\Sigma_1\Sigma_2` (real and non-negative for covariances; rounding noise is clipped).
+    That holds only for symmetric positive semi-definite :math:`\Sigma`: anything else raises
+    ``ValueError`` (clipping a truly negative eigenvalue would give a wrong, often zero, distance).
     Introduced in Chapter 2.
     """
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"shapes differ: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}.")
+    _check_covariance("sigma1", sigma1)
+    _check_covariance("sigma2", sigma2)
     eigenvalues = np.linalg.eigvals(sigma1 @ sigma2).real.clip(min=0.0)
     trace_sqrt = float(np.sqrt(eigenvalues).sum())
     value = float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt)
@@ -449,14 +456,6 @@ REFERENCE_NAMES: tuple[str, ...] = ("dit_digits8", "unet_digits8", "classifier_d
 _MANIFEST = "SHA256SUMS"
 
 
-def _read_manifest(directory: Path) -> dict[str, str]:
-    path = directory / _MANIFEST
-    if not path.exists():
-        return {}
-    rows = (line.split() for line in path.read_text().splitlines() if line.strip())
-    return {name: digest for digest, name in rows}
-
-
 def _model_kind(model: torch.nn.Module) -> str:
     if isinstance(model, DiTTransformer2DModel):
         return "dit"
@@ -471,19 +470,30 @@ def save_reference(model: torch.nn.Module, name: str, metadata: dict[str, str] |
     sha256 in ``<directory>/SHA256SUMS`` (``sha256sum -c`` format). Returns the sha256.
 
     diffusers models carry their config; pass ``config`` (constructor keyword arguments) for an
-    ``effnb.models.SmallCNN`` classifier. Introduced in Chapter 2.
+    ``effnb.models.SmallCNN`` classifier. Crash-safe: the weights are written and hashed under a
+    temporary name first; then the manifest loses the old entry, the weights are renamed into
+    place, and the manifest gains the new entry, each step an atomic ``os.replace``. An interrupt
+    therefore leaves either the old checkpoint, readable, or a missing entry whose error names the
+    script, never weights that disagree with their entry. Introduced in Chapter 2.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     kind = _model_kind(model)
     if kind == "classifier" and config is None:
         raise ValueError("save_reference needs config=... (the SmallCNN keyword arguments) for a classifier.")
     model_config = json.loads(json.dumps(dict(model.config), default=list)) if kind != "classifier" else config
-    path = save_checkpoint(model, directory / f"{name}.safetensors",
-                           {"kind": kind, "config": model_config, **(metadata or {})})
-    digests = _read_manifest(directory) | {path.name: sha256_of(path)}
-    (directory / _MANIFEST).write_text("".join(f"{d}  {n}\n" for n, d in sorted(digests.items())))
-    return digests[path.name]
+    path, manifest = directory / f"{name}.safetensors", directory / _MANIFEST
+    with atomic_path(path) as tmp:
+        save_checkpoint(model, tmp, {"kind": kind, "config": model_config, **(metadata or {})})
+        digest = sha256_of(tmp)
+        digests = read_sha256sums(manifest)
+        if path.name in digests:                    # 1. drop the old entry
+            write_sha256sums(manifest, {n: d for n, d in digests.items() if n != path.name})
+    # 2. the new weights are in place (atomic_path renamed them); 3. record them
+    write_sha256sums(manifest, read_sha256sums(manifest) | {path.name: digest})
+    return digest
+
+
+_KINDS: tuple[str, ...] = ("dit", "unet", "classifier")
 
 
 def _build(kind: str, config: dict) -> torch.nn.Module:
@@ -506,16 +516,19 @@ def load_reference(name: str, directory: Path | str = CHECKPOINT_DIR,
     """
     directory = Path(directory)
     path = directory / f"{name}.safetensors"
-    if directory == CHECKPOINT_DIR and name not in REFERENCE_NAMES:
-        raise ValueError(f"no reference checkpoint {name!r}; use one of {', '.join(map(repr, REFERENCE_NAMES))}.")
-    expected = _read_manifest(directory).get(path.name)
+    if directory == CHECKPOINT_DIR:
+        check_choice("name", name, REFERENCE_NAMES)
+    expected = read_sha256sums(directory / _MANIFEST).get(path.name)
     if not path.exists() or expected is None:
         raise FileNotFoundError(f"Checkpoint {path} or its sha256 entry is missing; re-create it with `{MAKE_SCRIPT}`.")
-    actual = sha256_of(path)
-    if actual != expected:
-        raise ValueError(f"Checkpoint {path} is corrupt (sha256 {actual[:12]}… instead of "
-                         f"{expected[:12]}…); re-create it with `{MAKE_SCRIPT}`.")
+    fix = f"re-create it with `{MAKE_SCRIPT}`"
+    check_sha256(path, expected, fix, label=f"Checkpoint {path}")
     metadata = read_checkpoint_metadata(path)
+    if "kind" not in metadata or "config" not in metadata:
+        raise ValueError(f"Checkpoint {path} lacks the metadata 'kind', 'config' that save_reference writes; {fix}.")
+    if metadata["kind"] not in _KINDS:
+        raise ValueError(f"Checkpoint {path} has kind={metadata['kind']!r}, which load_reference cannot "
+                         f"build (it builds {', '.join(map(repr, _KINDS))}); {fix}.")
     model = _build(metadata["kind"], metadata["config"])
-    load_checkpoint(model, path)
+    load_checkpoint(model, path)  # the sha256 was checked above
     return model.to(device).eval(), metadata

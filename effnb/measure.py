@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import glob
 import platform
+import re
 import statistics
 import time
+import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from effnb.config import check_count
 
 __all__ = [
     "MachineRoofline",
@@ -52,15 +56,66 @@ def model_bytes(model: nn.Module, bits: float = 32) -> float:
     return count_parameters(model) * bits / 8
 
 
-def count_flops(fn: Callable | nn.Module, *inputs, **kwargs) -> int:
+def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:  # noqa: ANN001
+    """FLOPs of scaled dot-product attention from its shapes: Q·Kᵀ and P·V, 2·B·H·L·S·(D + Dv)."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# FlopCounterMode knows the GPU attention kernels but not the CPU one, which then counts 0.
+_EXTRA_FORMULAS = {
+    op: _sdpa_flops
+    for op in (getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None),)
+    if op is not None
+}
+
+# An operator "does matrix work" when a word of its name says so (aten::_native_multi_head_attention,
+# aten::mv, aten::_int_mm, aten::mkldnn_rnn_layer, aten::conv_tbc, ...); element-wise names have none.
+_MATRIX_WORDS = re.compile(
+    r"(^|_)(mm|bmm|addmm|baddbmm|addbmm|matmul|mv|addmv|dot|vdot|ger|outer|linear|einsum|tensordot|"
+    r"conv|conv\dd|convolution|attention|transformer|rnn|lstm|gru)(_|$)"
+)
+
+
+class _UncountedMatrixOps(TorchDispatchMode):
+    """Sees every operator that really runs under a FlopCounterMode and warns, once per operator,
+    when one that does matrix work has no formula there (so it would silently count 0)."""
+
+    def __init__(self, registry: dict) -> None:
+        super().__init__()
+        self.registry = registry
+        self.warned: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's protocol
+        name = func._schema.name.split("::")[-1]
+        namespace = func.namespace if hasattr(func, "namespace") else "aten"
+        if func._overloadpacket not in self.registry and _MATRIX_WORDS.search(name) and name not in self.warned:
+            self.warned.add(name)
+            warnings.warn(
+                f"count_flops: {namespace}.{name} does matrix work but has no FLOP formula, so it counts 0; "
+                f"pass custom_mapping={{torch.ops.{namespace}.{name}: formula}} to count it.", stacklevel=4)
+        return func(*args, **(kwargs or {}))
+
+
+def count_flops(fn: Callable | nn.Module, *inputs, custom_mapping: dict | None = None, **kwargs) -> int:
     """Floating-point operations of one call ``fn(*inputs, **kwargs)``, counted by torch's FlopCounterMode.
 
-    A multiply-add counts as 2 FLOPs; only ops torch has a formula for (matmul, conv, attention)
-    are counted, so element-wise work is left out. Introduced in Chapter 0.
+    A multiply-add counts as 2 FLOPs; only ops with a formula (matmul, conv, attention) are counted,
+    so element-wise work is left out. Attention counts the same in train and eval mode: during the
+    count, torch's fused fast path of ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer``
+    (which FlopCounterMode cannot see into) is switched off and restored afterwards, and the CPU
+    scaled-dot-product kernel gets torch's attention formula (the dense cost 4·B·H·L·S·D, causal or
+    masked alike). An operator that does matrix work but has no formula raises a ``UserWarning``
+    naming it; ``custom_mapping`` (``{torch.ops.aten.op: formula(*shapes, out_shape) -> int}``, as
+    in FlopCounterMode) counts it. Introduced in Chapter 0.
     """
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        fn(*inputs, **kwargs)
+    counter = FlopCounterMode(display=False, custom_mapping={**_EXTRA_FORMULAS, **(custom_mapping or {})})
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with _UncountedMatrixOps(counter.flop_registry), counter, torch.no_grad():
+            fn(*inputs, **kwargs)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     return int(counter.get_total_flops())
 
 
@@ -152,8 +207,10 @@ def measure_matmul(n: int, device: torch.device | None = None, dtype: torch.dtyp
                    repeats: int = 5) -> tuple[float, float]:
     """Achieved FLOP/s of an ``(n, n) @ (n, n)`` matmul and its arithmetic intensity (FLOP per byte).
 
-    FLOPs = 2n³; bytes = 3n² elements (read A and B, write C) at ``dtype``'s size. Introduced in Chapter 0.
+    FLOPs = 2n³; bytes = 3n² elements (read A and B, write C) at ``dtype``'s size. ``n`` must be a
+    whole number >= 1. Introduced in Chapter 0.
     """
+    check_count("n", n, 1024)
     device = device or torch.device("cpu")
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -169,6 +226,7 @@ def measure_bandwidth(numel: int = 1 << 24, device: torch.device | None = None, 
     A copy ``y.copy_(x)`` moves 2 · 4 · numel bytes (one read, one write); an add ``torch.add(x, y, out=z)``
     moves 3 · 4 · numel. Use a size well beyond the last-level cache. Introduced in Chapter 0.
     """
+    check_count("numel", numel, 1 << 24)
     device = device or torch.device("cpu")
     x = torch.randn(numel, device=device)
     y = torch.empty_like(x)

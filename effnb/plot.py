@@ -8,6 +8,8 @@ from __future__ import annotations
 import matplotlib as mpl
 import matplotlib.pyplot as plt
 
+from effnb.config import check_choice
+
 __all__ = ["COLORS", "color", "new_figure", "use_style"]
 
 # Colour-blind-safe (Okabe-Ito). Keys are roles, so that chapters agree.
@@ -47,9 +49,9 @@ def use_style() -> None:
 
 
 def color(role: str) -> str:
-    """The colour of ``role`` (e.g. ``"baseline"``, ``"method"``); unknown roles raise ``KeyError``."""
-    if role not in COLORS:
-        raise KeyError(f"no colour for {role!r}; use one of {', '.join(sorted(COLORS))}.")
+    """The colour of ``role`` (e.g. ``"baseline"``, ``"method"``); an unknown role raises ``ValueError``
+    naming the known ones (:func:`effnb.config.check_choice`)."""
+    check_choice("role", role, sorted(COLORS))
     return COLORS[role]
 
 

@@ -16,6 +16,8 @@ from dataclasses import MISSING, asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+from effnb.config import check_choice
+
 __all__ = ["KINDS", "Claim", "claims_markdown", "load_claims", "record_claim"]
 
 Kind = Literal["claim", "check"]
@@ -60,8 +62,7 @@ def record_claim(chapter: str, claim: str, paper: str, ours: str, reproduced: bo
         raise TypeError(f"reproduced={reproduced!r} must be True or False, computed from the measurement.")
     if not chapter or not claim:
         raise ValueError("record_claim needs a non-empty chapter name and claim text.")
-    if kind not in KINDS:
-        raise ValueError(f"kind={kind!r} is not a kind of record; use one of {', '.join(map(repr, KINDS))}.")
+    check_choice("kind", kind, KINDS)
     record = Claim(chapter, claim, str(paper), str(ours), reproduced, note, kind)
     directory = os.environ.get("EFFNB_REPORT_DIR")
     if directory:

@@ -13,16 +13,18 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from effnb.config import progress_enabled
+from effnb.config import check_count, progress_enabled
+from effnb.data import atomic_path, check_sha256
 
 __all__ = ["Accuracy", "History", "evaluate", "fit", "load_checkpoint", "read_checkpoint_metadata", "save_checkpoint"]
 
 
 @dataclass
 class History:
-    """Mean training loss of each epoch."""
+    """Mean training loss of each epoch, ``losses[e]`` for epoch ``e`` (the same field name as
+    :class:`effnb.diffusion.TrainHistory`, which keeps one loss per step)."""
 
-    loss: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -63,10 +65,11 @@ def fit(
     is. Batches move to the model's device. The shuffle order depends only on ``seed``.
     Returns a :class:`History`. Introduced in Chapter 0.
     """
-    if epochs < 1 or batch_size < 1:
-        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}.")
+    check_count("epochs", epochs, 3)
+    check_count("batch_size", batch_size, 64)
     if len(x) != len(y):
         raise ValueError(f"x has {len(x)} rows but y has {len(y)}; they must match.")
+    top_label = int(y.max()) if len(y) else 0
     device = _device_of(model)
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -79,13 +82,17 @@ def fit(
         for start in range(0, len(x), batch_size):
             idx = order[start : start + batch_size]
             xb, yb = x[idx].to(device), y[idx].to(device)
-            loss = loss_fn(model(xb), yb)
+            logits = model(xb)
+            if start == 0 and logits.ndim == 2 and logits.shape[1] <= top_label:
+                raise ValueError(f"y holds the label {top_label} but the model gives {logits.shape[1]} class "
+                                 f"scores; build it with num_classes={top_label + 1} or more.")
+            loss = loss_fn(logits, yb)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total += loss.item() * len(idx)
             count += len(idx)
-        history.loss.append(total / count)
+        history.losses.append(total / count)
     return history
 
 
@@ -94,9 +101,17 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: in
              batch_size: int = 512) -> Accuracy:
     """Accuracy of ``model`` on ``x (N, ...)``, ``y (N,)``: overall and per class.
 
-    A class absent from ``y`` gets accuracy NaN. Introduced in Chapter 0.
+    ``num_classes`` defaults to the largest label + 1; a class absent from ``y`` gets accuracy NaN.
+    Raises ``ValueError`` for ``batch_size`` < 1 or a ``num_classes`` below a label in ``y``.
+    Introduced in Chapter 0.
     """
-    num_classes = num_classes or int(y.max()) + 1
+    check_count("batch_size", batch_size, 512)
+    top_label = int(y.max()) if len(y) else 0
+    if num_classes is None:
+        num_classes = top_label + 1
+    elif num_classes <= top_label:
+        raise ValueError(f"num_classes={num_classes} is too small: y holds the label {top_label}; "
+                         f"pass num_classes={top_label + 1} or more (or None).")
     device = _device_of(model)
     model.eval()
     preds = torch.cat([model(x[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x), batch_size)])
@@ -108,11 +123,17 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: in
 
 
 def save_checkpoint(model: nn.Module, path: str | Path, metadata: dict | None = None) -> Path:
-    """Save ``model``'s state dict with safetensors; ``metadata`` (JSON-serialisable) travels in the header."""
+    """Save ``model``'s state dict with safetensors; ``metadata`` (JSON-serialisable) travels in the header.
+
+    The file is written to a temporary name, read back, and only then renamed over ``path``
+    (:func:`effnb.data.atomic_path`), so an interrupted save keeps the previous checkpoint.
+    Returns ``path``. Introduced in Chapter 0.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={"effnb": json.dumps(metadata or {})})
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"effnb": json.dumps(metadata or {})})
+        read_checkpoint_metadata(tmp)  # verify before the rename: the header parses
     return path
 
 
@@ -132,11 +153,15 @@ def read_checkpoint_metadata(path: str | Path) -> dict:
     return json.loads(meta.get("effnb", "{}"))
 
 
-def load_checkpoint(model: nn.Module, path: str | Path) -> dict:
+def load_checkpoint(model: nn.Module, path: str | Path, sha256: str | None = None) -> dict:
     """Load a :func:`save_checkpoint` file into ``model`` (strictly) and return its metadata.
 
-    Raises ``FileNotFoundError`` naming the path when it is missing.
+    With ``sha256`` (hex) the file is checked first, so a changed byte raises ``ValueError``
+    instead of loading silently (safetensors itself only checks the header). Raises
+    ``FileNotFoundError`` naming the path when it is missing. Introduced in Chapter 0.
     """
     metadata = read_checkpoint_metadata(path)
+    if sha256 is not None:
+        check_sha256(path, sha256, "save it again, or pass the sha256 of the file you meant")
     model.load_state_dict(load_file(str(path), device=str(_device_of(model))))
     return metadata

@@ -4,7 +4,9 @@
   python scripts/run_notebooks.py --refresh                      # store ci outputs in notebooks/
   python scripts/run_notebooks.py --out DIR --runtimes book/runtimes.md   # the benchmark
 
-The sources in notebooks/ are only written with --refresh. Offline by default: the runs set
+The sources in notebooks/ are only written with --refresh, and only by a run that succeeded: each
+notebook executes into a temporary file beside it that replaces the source at the end (os.replace),
+so a failing chapter leaves its source as it was. Offline by default: the runs set
 HF_HUB_OFFLINE=1 and EFFNB_BLOCK_NETWORK=1 unless --allow-network is given.
 """
 from __future__ import annotations
@@ -77,6 +79,21 @@ def execute(notebook: Path, output: Path, profile: str) -> float:
     return time.perf_counter() - start
 
 
+def refresh(notebook: Path) -> float:
+    """Run ``notebook`` on the ci profile and store its outputs in it, only if every cell succeeds.
+
+    It executes into a temporary file in the same folder (same working directory for the run);
+    the source is replaced with ``os.replace`` at the end, and on any error the temporary file is
+    deleted and the source is left untouched. Returns the wall time in seconds.
+    """
+    from effnb.data import atomic_path
+
+    with atomic_path(notebook) as tmp:
+        seconds = execute(notebook, tmp, "ci")
+        strip_run_metadata(tmp)
+    return seconds
+
+
 def runtime_table(times: dict[str, float], profile: str) -> str:
     """The Markdown page of measured run times, with the machine they ran on."""
     from effnb.measure import cpu_name
@@ -122,15 +139,13 @@ def main(argv: list[str] | None = None) -> int:
 
     times: dict[str, float] = {}
     for notebook in notebooks:
-        output = notebook if args.refresh else args.out / notebook.name
         print(f"running {notebook.name} ({args.profile}) ...", flush=True)
         try:
-            times[notebook.stem] = execute(notebook, output, args.profile)
+            times[notebook.stem] = refresh(notebook) if args.refresh else execute(
+                notebook, args.out / notebook.name, args.profile)
         except papermill.PapermillExecutionError as err:
             print(f"FAILED {notebook.name}: {err.ename}: {err.evalue}", file=sys.stderr)
             return 1
-        if args.refresh:
-            strip_run_metadata(output)
         print(f"  {times[notebook.stem]:.1f} s", flush=True)
     if args.runtimes:
         args.runtimes.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ the reproduction report and the notation page (equations) go to ``_build/screens
 equations really render offline and the test checks MathJax's output; only pictures hosted elsewhere
 (the Colab badge) cannot load here, and the test ignores images that are not served by the site.
 ``make test`` installs chromium and chromium-driver when it runs as root with apt-get; without them
-this module is skipped with the reason.
+this module is skipped with the reason, or fails under ``CI=true``.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from conftest import skip_or_fail  # noqa: E402
 from run_notebooks import toc_notebooks  # noqa: E402
 
 BUILD = ROOT / "_build" / "browser-test"
@@ -33,11 +34,19 @@ CHROMEDRIVER = shutil.which("chromedriver")
 CHAPTERS = [p.stem for p in toc_notebooks()]
 SEARCH_WORD, SEARCH_HIT = "prefill", "notebooks/01_llm_roofline.html"
 
-pytestmark = pytest.mark.skipif(
-    not (CHROMIUM and CHROMEDRIVER),
-    reason="browser test skipped: Debian's chromium and chromium-driver are not installed "
-    "(`apt-get install -y chromium chromium-driver`, which `make test` tries when run as root)",
-)
+
+
+def require_chromium() -> None:
+    """Skip (locally) or fail (under CI=true) when Debian's chromium or chromedriver is missing."""
+    if not (CHROMIUM and CHROMEDRIVER):
+        skip_or_fail("browser test: Debian's chromium and chromium-driver are not installed "
+                     "(`apt-get install -y chromium chromium-driver`, which `make test` tries when run as root)")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _chromium_present() -> None:
+    """Runs before the module's other fixtures, so nothing is built when the browser is missing."""
+    require_chromium()
 
 
 class QuietHandler(SimpleHTTPRequestHandler):

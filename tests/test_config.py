@@ -1,4 +1,5 @@
 import socket
+import urllib.request
 
 import pytest
 import torch
@@ -29,8 +30,11 @@ def test_unknown_profile_from_environment_names_the_variable(monkeypatch):
         config.resolve_profile("ci")
 
 
-def test_auto_device_on_this_machine_is_cpu_or_gpu():
-    assert config.choose_device("auto").type in {"cpu", "cuda", "mps"}
+@pytest.mark.parametrize("cuda, mps, expected", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+def test_auto_device_prefers_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(config, "_mps_available", lambda: mps)
+    assert config.choose_device("auto") == torch.device(expected)
     assert config.choose_device("cpu") == torch.device("cpu")
 
 
@@ -86,13 +90,74 @@ def test_network_is_blocked_at_once_in_tests():
         socket.getaddrinfo("example.com", 80)
 
 
-def test_loopback_stays_open():
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(1)
-    client = socket.create_connection(server.getsockname(), timeout=5)
-    client.close()
-    server.close()
+@pytest.mark.parametrize("host", ["localhost.attacker.example", "127.x.example", "127.0.0.1.nip.io",
+                                  "::1.example", "localhostx", "0x7f.example"])
+def test_look_alike_names_are_not_loopback(host):
+    with pytest.raises(config.NetworkBlockedError, match=f"network access to '{host}' is blocked"):
+        socket.getaddrinfo(host, 80)
+    with pytest.raises(config.NetworkBlockedError, match="is blocked"):
+        socket.create_connection((host, 80), timeout=5)
+
+
+@pytest.mark.parametrize("host", ["localhost", "LOCALHOST", "127.0.0.1", "127.3.2.1", "::1"])
+def test_loopback_names_and_addresses_still_resolve(host):
+    assert socket.getaddrinfo(host, 80, type=socket.SOCK_STREAM)
+
+
+@pytest.mark.parametrize("resolve", [socket.gethostbyname, socket.gethostbyname_ex, socket.gethostbyaddr],
+                         ids=lambda f: f.__name__)
+def test_every_resolver_is_blocked(resolve):
+    with pytest.raises(config.NetworkBlockedError, match="'example.com' is blocked"):
+        resolve("example.com")
+    assert "127.0.0.1" in str(socket.gethostbyname("localhost"))
+    assert socket.getfqdn()  # this machine's own name still resolves (http.server and others need it)
+
+
+def test_datagrams_are_blocked_except_to_loopback():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        server.bind(("127.0.0.1", 0))
+        client.sendto(b"local", server.getsockname())
+        assert server.recv(16) == b"local"
+        with pytest.raises(config.NetworkBlockedError, match="'93.184.216.34' is blocked"):
+            client.sendto(b"dns?", ("93.184.216.34", 53))
+        with pytest.raises(config.NetworkBlockedError, match="'93.184.216.34' is blocked"):
+            client.sendto(b"dns?", 0, ("93.184.216.34", 53))
+
+
+@pytest.mark.parametrize("variable", ["HTTPS_PROXY", "https_proxy", "ALL_PROXY"])
+def test_a_proxy_on_loopback_does_not_open_a_way_out(monkeypatch, variable):
+    # A proxy on 127.0.0.1 would forward to the internet: the guard refuses the proxy's address.
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with socket.socket() as proxy:
+        proxy.bind(("127.0.0.1", 0))
+        proxy.listen(1)
+        port = proxy.getsockname()[1]
+        monkeypatch.setenv(variable, f"http://127.0.0.1:{port}")
+        with pytest.raises(config.NetworkBlockedError, match=rf"proxy 127\.0\.0\.1:{port} \({variable}\) is blocked"):
+            socket.create_connection(("127.0.0.1", port), timeout=2)
+        with pytest.raises(config.NetworkBlockedError):  # through the proxy (HTTPS_PROXY) or directly (urllib ignores ALL_PROXY)
+            # a fresh opener reads the proxy now (urlopen would cache it for later tests)
+            urllib.request.build_opener().open("https://example.com/", timeout=2)
+        proxy.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            proxy.accept()  # nothing reached the proxy
+
+
+def test_loopback_stays_open_while_the_guard_is_on():
+    assert getattr(socket.socket, "_effnb_blocked", False), "conftest.py installs the guard"
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+            connection, _ = server.accept()
+            client.sendall(b"ping")
+            assert connection.recv(4) == b"ping"
+            connection.close()
+    with pytest.raises(config.NetworkBlockedError):  # the same call to another machine is refused
+        socket.create_connection(("10.0.0.1", port), timeout=5)
 
 
 def test_smoke_run_picks_the_smoke_value_on_the_full_profile_only(monkeypatch):

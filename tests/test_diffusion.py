@@ -6,6 +6,7 @@ import pytest
 import scipy.linalg
 import torch
 
+from conftest import skip_or_fail
 from effnb import diffusion as D
 from effnb.models import SmallCNN
 
@@ -42,15 +43,14 @@ def test_snr_is_decreasing(linear):
     assert bool((s[1:] < s[:-1]).all())
 
 
-def test_change_aware_weight_range_built_from_variance_increment(linear):
-    # SpeeD's weights (chapter 2): w = (1 - lam) + (2 lam - 1) g_hat below tau, 1 above.
-    g = D.variance_increment(linear)
-    g_hat = (g - g.min()) / (g.max() - g.min())
-    lam, tau = 0.6, 700
-    w = torch.where(torch.arange(1000) < tau, (1 - lam) + (2 * lam - 1) * g_hat, torch.ones_like(g_hat))
-    assert 0.4 - 1e-9 <= float(w[:tau].min()) and float(w[:tau].max()) <= 0.6 + 1e-9
-    assert int(w[:tau].argmax()) == 219
-    assert bool((w[tau:] == 1).all())
+def test_variance_increment_matches_an_independent_numpy_reference(linear):
+    # g(t) = (1 - ab_t) - (1 - ab_{t-1}) = ab_{t-1} * beta_t, from DDPM's linear betas in numpy alone.
+    betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float32).astype(np.float64)
+    ab_prev = np.concatenate([[1.0], np.cumprod(1 - betas)[:-1]])
+    g = D.variance_increment(linear).numpy()
+    np.testing.assert_allclose(g, ab_prev * betas, rtol=0, atol=2e-7)  # diffusers keeps ab in float32
+    assert g[0] == pytest.approx(1e-4, rel=1e-3) and g.sum() == pytest.approx(1 - np.prod(1 - betas), rel=1e-5)
+    assert int(np.argmax(ab_prev * betas)) == 219  # SpeeD's peak, found without effnb
 
 
 def test_scheduler_errors_name_valid_values():
@@ -74,10 +74,12 @@ def test_uniform_sampler_range_and_determinism():
 
 def test_categorical_sampler_asymmetric_probabilities():
     # SpeeD's asymmetric sampling: P(t) proportional to k = 5 below tau = 700 -> P(t < tau) = 3500/3800.
-    probs = torch.where(torch.arange(1000) < 700, 5.0, 1.0)
-    assert abs(float(probs[:700].sum() / probs.sum()) - 0.921) < 1e-3
+    probs = torch.where(torch.arange(1000) < 700, 5.0, 1.0)  # unnormalised: the sampler normalises
     t = D.categorical_sampler(probs)(40_000, torch.Generator().manual_seed(0))
-    assert abs(float((t < 700).float().mean()) - 0.921) < 0.005
+    assert abs(float((t < 700).float().mean()) - 3500 / 3800) < 0.005
+    # zero mass is never drawn; a single allowed step is always drawn
+    only_two = D.categorical_sampler(torch.tensor([0.0, 0.0, 3.0, 0.0]))(500, torch.Generator().manual_seed(0))
+    assert only_two.tolist() == [2] * 500
 
 
 def test_categorical_sampler_rejects_bad_probabilities():
@@ -191,6 +193,25 @@ def test_frechet_of_shifted_gaussians_is_squared_shift():
     assert D.frechet_distance(np.zeros(3), s, np.full(3, 2.0), s) == pytest.approx(12.0)
 
 
+def test_frechet_of_rank_deficient_covariances_matches_scipy():
+    # Fewer samples (5) than features (8): both covariances are singular, yet positive semi-definite.
+    rng = np.random.default_rng(2)
+    (m1, s1), (m2, s2) = D.feature_statistics(rng.normal(size=(5, 8))), D.feature_statistics(rng.normal(size=(5, 8)))
+    assert np.linalg.eigvalsh(s1).min() < 1e-12
+    reference = ((m1 - m2) ** 2).sum() + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
+    assert D.frechet_distance(m1, s1, m2, s2) == pytest.approx(reference, rel=1e-6)
+
+
+def test_frechet_refuses_a_covariance_that_is_not_positive_semi_definite():
+    # diag(1, -1) is no covariance; the old code clipped the eigenvalue -1 away and returned 0.
+    bad, good = np.diag([1.0, -1.0]), np.eye(2)
+    with pytest.raises(ValueError, match=r"sigma1 is not a covariance matrix: it has the negative eigenvalue -1; "
+                                         r"compute it with feature_statistics"):
+        D.frechet_distance(np.zeros(2), bad, np.zeros(2), good)
+    with pytest.raises(ValueError, match=r"sigma2 is not a covariance matrix: it is not symmetric"):
+        D.frechet_distance(np.zeros(2), good, np.zeros(2), np.array([[1.0, 0.5], [0.0, 1.0]]))
+
+
 def test_metric_errors():
     with pytest.raises(ValueError, match=r"features must have shape \(N, F\) with N >= 2, not \(1, 3\)"):
         D.feature_statistics(np.zeros((1, 3)))
@@ -198,15 +219,21 @@ def test_metric_errors():
         D.frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
 
 
-def test_sample_quality_of_real_images_is_near_perfect():
+def test_sample_quality_against_an_independent_computation():
+    # 16 of 64 requested labels differ from what the classifier says -> accuracy exactly 0.75; the
+    # distance is to *other* images' features, recomputed here with scipy on images mapped to [0, 1].
     torch.manual_seed(0)
     clf = SmallCNN(width=4).eval()
-    x = torch.rand(64, 1, 8, 8)
+    samples, real = torch.rand(64, 1, 8, 8) * 2 - 1, torch.rand(64, 1, 8, 8) * 0.3
     with torch.no_grad():
-        labels = clf(x).argmax(1)
-        ref = D.feature_statistics(clf.features(x))
-    quality = D.sample_quality(clf, x * 2 - 1, labels, ref)
-    assert quality.accuracy == 1.0 and quality.frechet == pytest.approx(0.0, abs=1e-6)
+        labels = clf((samples + 1) / 2).argmax(1)
+        labels[:16] = (labels[:16] + 1) % 10
+        f_samples, f_real = clf.features((samples + 1) / 2).double().numpy(), clf.features(real).double().numpy()
+    (m1, s1), (m2, s2) = (f_samples.mean(0), np.cov(f_samples, rowvar=False)), (f_real.mean(0), np.cov(f_real, rowvar=False))
+    expected = ((m1 - m2) ** 2).sum() + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
+    quality = D.sample_quality(clf, samples, labels, (m2, s2))
+    assert quality.accuracy == 0.75
+    assert expected > 1e-3 and quality.frechet == pytest.approx(expected, rel=1e-4)
 
 
 # ------------------------------------------------------------------- checkpoints
@@ -234,18 +261,101 @@ def test_checkpoint_errors_name_the_script(tmp_path):
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match=r"is corrupt \(sha256 .*re-create it with `python scripts/make_diffusion"):
+    with pytest.raises(ValueError, match=r"dit\.safetensors is corrupt \(sha256 .*re-create it with `python scripts/make_diffusion"):
         D.load_reference("dit", directory=tmp_path)
-    with pytest.raises(ValueError, match="no reference checkpoint 'nope'; use one of 'dit_digits8'"):
+    with pytest.raises(ValueError, match="name='nope' is not valid; use one of 'dit_digits8'"):
         D.load_reference("nope")
     with pytest.raises(ValueError, match="needs config=... .* for a classifier"):
         D.save_reference(SmallCNN(width=4), "clf", directory=tmp_path)
 
 
+def require_checkpoint(name: str) -> None:
+    """Skip (locally) or fail (under CI=true) when a stored reference checkpoint is missing."""
+    path = D.CHECKPOINT_DIR / f"{name}.safetensors"
+    if not path.exists():
+        skip_or_fail(f"{path} is missing; run `{D.MAKE_SCRIPT}` to create the reference checkpoints")
+
+
 @pytest.mark.parametrize("name", D.REFERENCE_NAMES)
 def test_stored_reference_checkpoints_verify_and_load(name):
-    if not (D.CHECKPOINT_DIR / f"{name}.safetensors").exists():
-        pytest.skip(f"run `{D.MAKE_SCRIPT}` to create the reference checkpoints")
+    require_checkpoint(name)
     model, meta = D.load_reference(name)
     assert not model.training and "kind" in meta
     assert (D.CHECKPOINT_DIR / f"{name}.safetensors").stat().st_size < 3_000_000
+
+
+# ------------------------------------------------------- fault injection: reference checkpoints
+def _weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(model, weights):
+    return all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
+def test_a_crash_after_the_weights_keeps_the_old_checkpoint_readable(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    old = SmallCNN(width=4)
+    D.save_reference(old, "clf", directory=tmp_path, config={"width": 4})
+
+    def crash(path):  # the old code wrote the weights, then died hashing them for the manifest
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(D, "sha256_of", crash)
+    with pytest.raises(KeyboardInterrupt):
+        D.save_reference(SmallCNN(width=4), "clf", directory=tmp_path, config={"width": 4})
+    monkeypatch.undo()
+    loaded, _ = D.load_reference("clf", directory=tmp_path)
+    assert _same(loaded, _weights(old))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["SHA256SUMS", "clf.safetensors"]
+
+
+@pytest.mark.parametrize("crash_at", [1, 2, 3, 4])
+def test_a_crash_at_any_rename_leaves_the_old_state_or_names_the_script(tmp_path, monkeypatch, crash_at):
+    # save_reference renames four times (weights file, manifest without the entry, weights, manifest);
+    # whichever rename fails, the folder never holds weights that disagree with their manifest entry.
+    import os
+
+    torch.manual_seed(0)
+    old, new = SmallCNN(width=4), SmallCNN(width=4)
+    D.save_reference(old, "clf", directory=tmp_path, config={"width": 4})
+    calls, real_replace = [], os.replace
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == crash_at:
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        D.save_reference(new, "clf", directory=tmp_path, config={"width": 4})
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["SHA256SUMS", "clf.safetensors"]
+    try:
+        loaded, _ = D.load_reference("clf", directory=tmp_path)
+    except FileNotFoundError as err:
+        assert "sha256 entry is missing" in str(err) and D.MAKE_SCRIPT in str(err)
+    else:
+        assert _same(loaded, _weights(old)) or _same(loaded, _weights(new))
+
+
+def _hand_made_checkpoint(directory, metadata):
+    from effnb.train import save_checkpoint
+
+    path = save_checkpoint(SmallCNN(width=4), directory / "odd.safetensors", metadata)
+    (directory / "SHA256SUMS").write_text(f"{D.sha256_of(path)}  odd.safetensors\n")
+
+
+def test_an_unknown_kind_is_refused_in_one_sentence(tmp_path):
+    _hand_made_checkpoint(tmp_path, {"kind": "vae", "config": {"width": 4}})
+    with pytest.raises(ValueError, match=r"odd\.safetensors has kind='vae', which load_reference cannot build "
+                                         r"\(it builds 'dit', 'unet', 'classifier'\); re-create it with `python scripts"):
+        D.load_reference("odd", directory=tmp_path)
+
+
+def test_a_checkpoint_without_metadata_is_refused_in_one_sentence(tmp_path):
+    _hand_made_checkpoint(tmp_path, None)
+    with pytest.raises(ValueError, match=r"odd\.safetensors lacks the metadata 'kind', 'config' that save_reference "
+                                         r"writes; re-create it with `python scripts"):
+        D.load_reference("odd", directory=tmp_path)

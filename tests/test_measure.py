@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -33,10 +35,16 @@ def test_flops_match_hand_count():
     assert measure.count_flops(conv, torch.zeros(2, 3, 10, 10)) == 2 * 2 * 16 * 10 * 10 * 27
 
 
-def test_latency_is_median_of_repeats():
+def test_latency_is_median_of_repeats(monkeypatch):
+    # A scripted clock: the five timed calls last 5, 1, 3, 100 and 2 s, so the median is 3 s
+    # (the mean would be 22.2 s, the minimum 1 s); warm-up calls are not timed.
+    durations = [5.0, 1.0, 3.0, 100.0, 2.0]
+    ticks = iter([t for i, d in enumerate(durations) for t in (10.0 * i, 10.0 * i + d)])
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: next(ticks))
     calls = []
-    assert measure.latency(lambda: calls.append(1), warmup=2, repeats=5) >= 0
+    assert measure.latency(lambda: calls.append(1), warmup=2, repeats=5) == 3.0
     assert len(calls) == 7
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="need warmup >= 0 and repeats >= 1"):
         measure.latency(lambda: None, repeats=0)
 
@@ -82,3 +90,94 @@ def test_last_level_cache_is_the_largest_cache_sysfs_lists(monkeypatch, tmp_path
     assert measure.last_level_cache_bytes() == 300 * 2**20
     monkeypatch.setattr(measure.glob, "glob", lambda pattern: [])
     assert measure.last_level_cache_bytes() is None
+
+
+# ------------------------------------------------------------------ attention: hand counts
+# Hand counts (a multiply-add = 2 FLOPs) for batch B, L query and S key tokens, width E, H heads
+# of size E/H, as torch's own formulas count them:
+#   projection of n tokens by an E×E weight:   2·n·E·E
+#   scaled dot-product attention:              2·B·H·L·S·(E/H) for Q·Kᵀ + the same for P·V = 4·B·L·S·E
+# A causal mask or an attention mask does not change the count: it is the dense cost, as torch's
+# formulas for the GPU kernels count it (a kernel may skip masked blocks; the count does not).
+B, L, E, H, FF = 2, 5, 16, 2, 32
+
+
+def _mha_hand_count(b=B, l=L, s=L, e=E):
+    in_proj = 2 * b * l * e * e + 2 * 2 * b * s * e * e  # Q from the L queries, K and V from the S keys
+    attention = 4 * b * l * s * e
+    out_proj = 2 * b * l * e * e
+    return in_proj + attention + out_proj
+
+
+@pytest.mark.parametrize("train_mode", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_multihead_attention_flops_match_hand_count(train_mode, need_weights):
+    mha = nn.MultiheadAttention(E, H, batch_first=True).train(train_mode)
+    x = torch.randn(B, L, E)
+    assert measure.count_flops(mha, x, x, x, need_weights=need_weights) == _mha_hand_count()
+
+
+def test_cross_attention_with_a_mask_flops_match_hand_count():
+    mha = nn.MultiheadAttention(E, H, batch_first=True).eval()
+    q, kv = torch.randn(B, L, E), torch.randn(B, 7, E)
+    mask = torch.rand(L, 7) > 0.5
+    mask[:, 0] = False  # every query keeps one key
+    assert measure.count_flops(mha, q, kv, kv, attn_mask=mask, need_weights=False) == _mha_hand_count(s=7)
+
+
+@pytest.mark.parametrize("train_mode", [True, False], ids=["train", "eval"])
+def test_transformer_encoder_layer_flops_match_hand_count(train_mode):
+    layer = nn.TransformerEncoderLayer(E, H, dim_feedforward=FF, batch_first=True).train(train_mode)
+    feed_forward = 2 * B * L * E * FF + 2 * B * L * FF * E  # Linear(E→FF), then Linear(FF→E)
+    assert measure.count_flops(layer, torch.randn(B, L, E)) == _mha_hand_count() + feed_forward
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"is_causal": True}, {"attn_mask": torch.ones(L, 7, dtype=torch.bool)}],
+                         ids=["plain", "causal", "mask"])
+def test_scaled_dot_product_attention_flops_match_hand_count(kwargs):
+    q, k, v = torch.randn(B, H, L, 8), torch.randn(B, H, 7, 8), torch.randn(B, H, 7, 8)
+    if kwargs.get("is_causal"):
+        k, v = k[:, :, :L], v[:, :, :L]
+    s = k.shape[2]
+    flops = measure.count_flops(nn.functional.scaled_dot_product_attention, q, k, v, **kwargs)
+    assert flops == 2 * B * H * L * s * 8 + 2 * B * H * L * s * 8  # Q·Kᵀ, then P·V
+
+
+def test_counting_leaves_the_fast_path_setting_as_it_was():
+    for setting in (True, False):
+        torch.backends.mha.set_fastpath_enabled(setting)
+        mha = nn.MultiheadAttention(E, H, batch_first=True).eval()
+        measure.count_flops(mha, *[torch.randn(B, L, E)] * 3)
+        assert torch.backends.mha.get_fastpath_enabled() is setting
+    torch.backends.mha.set_fastpath_enabled(True)
+
+
+def test_an_uncounted_matrix_op_warns_and_element_wise_ones_do_not():
+    a, v = torch.randn(8, 4), torch.randn(4)
+    with pytest.warns(UserWarning, match=r"count_flops: aten\.mv does matrix work but has no FLOP formula, "
+                                         r"so it counts 0; pass custom_mapping=\{torch\.ops\.aten\.mv: formula\}"):
+        assert measure.count_flops(torch.mv, a, v) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        measure.count_flops(lambda x: torch.relu(x).sum() + x @ x.T, a)  # counted or element-wise: silent
+
+
+def test_a_custom_formula_counts_an_op_without_one():
+    def mv_flops(a_shape, v_shape, *args, out_shape=None, **kwargs):
+        return 2 * a_shape[0] * a_shape[1]
+
+    flops = measure.count_flops(torch.mv, torch.randn(8, 4), torch.randn(4),
+                                custom_mapping={torch.ops.aten.mv: mv_flops})
+    assert flops == 2 * 8 * 4
+
+
+@pytest.mark.parametrize("n, error", [(0, ValueError), (-4, ValueError), (2.5, TypeError)])
+def test_matmul_size_must_be_a_whole_number(n, error):
+    with pytest.raises(error, match=rf"n={n!r} must be a whole number >= 1, e\.g\. n=1024\."):
+        measure.measure_matmul(n)
+
+
+@pytest.mark.parametrize("numel", [0, -1])
+def test_bandwidth_size_must_be_a_whole_number(numel):
+    with pytest.raises(ValueError, match=rf"numel={numel!r} must be a whole number >= 1"):
+        measure.measure_bandwidth(numel)

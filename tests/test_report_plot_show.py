@@ -41,7 +41,7 @@ def test_checks_are_counted_apart_and_never_as_reproduced(monkeypatch, tmp_path)
     rows = [line for line in table.splitlines() if line.startswith("| 00_x | c")]
     assert [r.split(" | ")[1] for r in rows] == ["claim", "check", "check"], "measured claims first"
     assert "| check | bytes add up | **FAILED** |" in table
-    with pytest.raises(ValueError, match="kind='guess' is not a kind of record; use one of 'claim', 'check'"):
+    with pytest.raises(ValueError, match="kind='guess' is not valid; use one of 'claim', 'check'"):
         report.record_claim("00_x", "c", "1", "1", True, kind="guess")
 
 
@@ -61,9 +61,10 @@ def test_reproduced_must_be_a_real_bool():
 
 
 def test_colours_are_stable_and_unknown_roles_fail():
-    assert plot.color("baseline") == plot.COLORS["baseline"]
+    # Pinned: a method keeps its colour in every chapter (Okabe-Ito grey and vermilion).
+    assert (plot.color("baseline"), plot.color("method"), plot.color("alternative")) == ("#7f7f7f", "#d55e00", "#0072b2")
     assert len(set(plot.COLORS.values())) >= 8
-    with pytest.raises(KeyError, match="no colour for 'fancy'"):
+    with pytest.raises(ValueError, match=r"role='fancy' is not valid; use one of 'alternative', 'baseline'"):
         plot.color("fancy")
     fig, axes = plot.new_figure(ncols=2)
     assert len(axes) == 2 and fig.get_dpi() == 100

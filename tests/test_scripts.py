@@ -111,3 +111,28 @@ def test_gpu_smoke_runs_every_chapter_on_the_full_profile_with_smoke_set(monkeyp
     failed = [r for r in record["chapters"] if not r["passed"]]
     assert len(failed) == 1 and "broken on purpose" in failed[0]["error"]
     assert record["all_passed"] is False and record["within_budget"] is True
+
+
+def _tiny_notebook(path: Path, *sources: str) -> bytes:
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(s) for s in sources])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+    return path.read_bytes()
+
+
+def test_refresh_keeps_the_source_when_the_notebook_fails(tmp_path, capsys):
+    source = tmp_path / "00_fails.ipynb"
+    before = _tiny_notebook(source, "print('first cell ran')", "raise RuntimeError('cell two fails')")
+    assert run_notebooks.main(["--refresh", str(source)]) == 1
+    assert "FAILED 00_fails.ipynb: RuntimeError: cell two fails" in capsys.readouterr().err
+    assert source.read_bytes() == before, "a failed run must not overwrite the source"
+    assert [p.name for p in tmp_path.iterdir()] == ["00_fails.ipynb"], "no temporary notebook may stay"
+
+
+def test_refresh_stores_the_outputs_when_the_notebook_succeeds(tmp_path):
+    source = tmp_path / "00_works.ipynb"
+    _tiny_notebook(source, "print(6 * 7)")
+    assert run_notebooks.main(["--refresh", str(source)]) == 0
+    cell = nbformat.read(source, as_version=4).cells[0]
+    assert cell.outputs[0]["text"] == "42\n" and "papermill" not in cell.metadata
+    assert [p.name for p in tmp_path.iterdir()] == ["00_works.ipynb"]

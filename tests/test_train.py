@@ -1,9 +1,12 @@
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
 from effnb import train
-from effnb.data import load_digits
+from effnb.data import load_digits, sha256_of
 from effnb.models import SmallCNN
 
 
@@ -16,7 +19,7 @@ def test_fit_learns_digits_and_is_deterministic(digits):
     torch.manual_seed(0)
     a = SmallCNN(width=8)
     history = train.fit(a, digits.x_train, digits.y_train, epochs=3, lr=1e-2, seed=0)
-    assert len(history.loss) == 3 and history.loss[-1] < history.loss[0]
+    assert len(history.losses) == 3 and history.losses[-1] < history.losses[0]
     acc = train.evaluate(a, digits.x_test, digits.y_test)
     assert acc.overall > 0.7  # chance is 0.1
     torch.manual_seed(0)
@@ -44,7 +47,7 @@ def test_evaluate_per_class_matches_hand_count():
 
 def test_fit_rejects_bad_arguments(digits):
     model = SmallCNN(width=4)
-    with pytest.raises(ValueError, match="epochs and batch_size must be >= 1"):
+    with pytest.raises(ValueError, match=r"epochs=0 must be a whole number >= 1, e\.g\. epochs=3\."):
         train.fit(model, digits.x_train, digits.y_train, epochs=0)
     with pytest.raises(ValueError, match="x has 1347 rows but y has 10"):
         train.fit(model, digits.x_train, digits.y_train[:10], epochs=1)
@@ -53,7 +56,11 @@ def test_fit_rejects_bad_arguments(digits):
 def test_checkpoint_round_trip(tmp_path, digits):
     model = SmallCNN(width=4)
     path = train.save_checkpoint(model, tmp_path / "m.safetensors", {"epochs": 3, "note": "x"})
-    assert path.read_bytes()[:8]  # a real file, written with safetensors
+    raw = path.read_bytes()  # safetensors: u64 header length, JSON header, then the tensors
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+    assert json.loads(header["__metadata__"]["effnb"]) == {"epochs": 3, "note": "x"}
+    assert set(header) - {"__metadata__"} == set(model.state_dict())
+    assert header["head.weight"]["shape"] == [10, 8] and header["head.weight"]["dtype"] == "F32"
     other = SmallCNN(width=4)
     assert train.load_checkpoint(other, path) == {"epochs": 3, "note": "x"}
     for key, value in model.state_dict().items():
@@ -69,3 +76,60 @@ def test_small_cnn_rejects_bad_shapes():
     with pytest.raises(ValueError, match="SmallCNN needs"):
         SmallCNN(num_classes=1)
     assert SmallCNN(in_channels=3, width=8).features(torch.zeros(2, 3, 32, 32)).shape == (2, 16)
+
+
+# ------------------------------------------------------------------ fault injection: checkpoints
+def test_a_flipped_byte_is_caught_when_the_sha256_is_given(tmp_path):
+    torch.manual_seed(0)
+    path = train.save_checkpoint(SmallCNN(width=4), tmp_path / "m.safetensors")
+    digest = sha256_of(path)
+    assert train.load_checkpoint(SmallCNN(width=4), path, sha256=digest) == {}
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # the last byte of the last tensor: the header still parses
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"m\.safetensors is corrupt \(sha256 .* instead of .*\); save it again"):
+        train.load_checkpoint(SmallCNN(width=4), path, sha256=digest)
+
+
+def test_an_interrupted_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    old = SmallCNN(width=4)
+    path = train.save_checkpoint(old, tmp_path / "m.safetensors", {"version": 1})
+
+    def crash(tensors, filename, metadata=None):  # dies half-way through writing
+        Path(filename).write_bytes(b"half a header")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint(SmallCNN(width=4), path, {"version": 2})
+    other = SmallCNN(width=4)
+    assert train.load_checkpoint(other, path) == {"version": 1}
+    assert torch.equal(other.head.weight, old.head.weight)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"], "no temporary file may stay"
+
+
+# ------------------------------------------------------------------ bad input: one sentence each
+@pytest.mark.parametrize("epochs", [1.5, "3", True])
+def test_fractional_or_non_int_epochs_are_refused(digits, epochs):
+    with pytest.raises(TypeError, match=rf"epochs={epochs!r} must be a whole number >= 1, e\.g\. epochs=3\."):
+        train.fit(SmallCNN(width=4), digits.x_train[:8], digits.y_train[:8], epochs=epochs)
+
+
+@pytest.mark.parametrize("batch_size", [0, -1])
+def test_evaluate_refuses_a_batch_size_below_one(digits, batch_size):
+    with pytest.raises(ValueError, match=rf"batch_size={batch_size} must be a whole number >= 1, e\.g\. batch_size=512\."):
+        train.evaluate(SmallCNN(width=4), digits.x_test, digits.y_test, batch_size=batch_size)
+
+
+@pytest.mark.parametrize("num_classes", [0, 5])
+def test_evaluate_refuses_too_few_classes(digits, num_classes):
+    with pytest.raises(ValueError, match=rf"num_classes={num_classes} is too small: y holds the label 9; "
+                                         r"pass num_classes=10 or more \(or None\)\."):
+        train.evaluate(SmallCNN(width=4), digits.x_test, digits.y_test, num_classes=num_classes)
+
+
+def test_fit_refuses_labels_the_model_has_no_output_for(digits):
+    with pytest.raises(ValueError, match=r"y holds the label 9 but the model gives 5 class scores; "
+                                         r"build it with num_classes=10 or more\."):
+        train.fit(SmallCNN(width=4, num_classes=5), digits.x_train, digits.y_train, epochs=1)
