@@ -25,6 +25,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+from effnb.config import check_choice
+
 __all__ = [
     "BIT_WIDTHS", "COMPAT_MODES", "HARDWARE", "MODELS", "QUIRKS", "STAGES",
     "Analysis", "Generation", "Hardware", "ModelShape", "OperatorCost", "Settings",
@@ -43,8 +45,9 @@ QUIRKS: dict[str, str] = {
     "prefill_qk_loads": "prefill qk_matmul loads Q as if it had the KV heads' size, and as KV cache",
     "mlp_act_width": "the MLP activation counts hidden_size elements instead of intermediate_size",
     "lm_head": "lm_head OPs lack the factor 2 and its activations ignore the batch size",
-    "fused_attention": "fused attention ignores grouped-query attention, loads only K (not V), "
-                       "and sizes the output like the score matrix (q x s) rather than q x d",
+    "fused_attention": "fused attention ignores grouped-query attention (streams K and V with all "
+                       "query heads) and writes the output twice, sized like the score matrix (q x s) "
+                       "rather than q x d",
     "opt_gate": "OPT is costed with a gate projection it does not have",
     "int8_peak": "the INT8 peak is used only when weights, activations and KV are all <= 8 bit, "
                  "even where it is below the FP16 peak (V100)",
@@ -54,9 +57,10 @@ QUIRKS: dict[str, str] = {
 }
 
 
-def _one_of(what: str, value: object, valid) -> ValueError:
-    choices = ", ".join(repr(v) for v in valid)
-    return ValueError(f"Unknown {what} {value!r}; use one of {choices}.")
+def _positive_int(name: str, value: object) -> None:
+    """One sentence for a size that must be a positive integer (``bool`` is not a size)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive integer, e.g. {name}=1.")
 
 
 # ----------------------------------------------------------------------------- hardware
@@ -74,9 +78,18 @@ class Hardware:
     int8_ops: float
     onchip_buffer: float
 
-    def ridge_point(self, int8: bool = False) -> float:
-        """The arithmetic intensity (OP/byte) where the roof turns flat. Introduced in Chapter 1."""
-        return (self.int8_ops if int8 else self.fp16_ops) / self.bandwidth
+    @property
+    def ridge(self) -> float:
+        """The arithmetic intensity (OP/byte) where the FP16 roof turns flat: ``fp16_ops / bandwidth``.
+
+        The same name and form as :attr:`effnb.measure.MachineRoofline.ridge`. Introduced in Chapter 1.
+        """
+        return self.fp16_ops / self.bandwidth
+
+    @property
+    def ridge_int8(self) -> float:
+        """The ridge of the INT8 roof: ``int8_ops / bandwidth``. Introduced in Chapter 1."""
+        return self.int8_ops / self.bandwidth
 
 
 # LLM-Viewer's table (hardwares/hardware_params.py): dense peaks = sparse peaks / 2.
@@ -86,7 +99,7 @@ HARDWARE: dict[str, Hardware] = {h.name: h for h in [
     Hardware("nvidia_A100", 1555e9, 312e12, 624e12, 27648e3),  # the 40 GB card
     Hardware("nvidia_A100_40G", 1555e9, 312e12, 624e12, 27648e3),
     Hardware("nvidia_A100_80G", 2039e9, 312e12, 624e12, 27648e3),
-    Hardware("nvidia_A40", 696e9, 149.7e12 / 2, 299.3e12 / 2, 21504e3),
+    Hardware("nvidia_A40", 696e9, 149.7e12, 299.3e12, 21504e3),  # LLM-Viewer lists the A40's dense peaks
     Hardware("nvidia_H100", 3072e9, 1979e12 / 2, 3958e12 / 2, 33792e3),  # SXM
     Hardware("nvidia_H100_SXM", 3072e9, 1979e12 / 2, 3958e12 / 2, 33792e3),
     Hardware("nvidia_H100_PCIe", 2048e9, 1513e12 / 2, 3026e12 / 2, 29184e3),
@@ -106,8 +119,7 @@ def get_hardware(name: str | Hardware) -> Hardware:
     """Look ``name`` up in :data:`HARDWARE`; a :class:`Hardware` passes through. Introduced in Chapter 1."""
     if isinstance(name, Hardware):
         return name
-    if name not in HARDWARE:
-        raise _one_of("hardware", name, sorted(HARDWARE))
+    check_choice("hardware", name, sorted(HARDWARE))
     return HARDWARE[name]
 
 
@@ -116,10 +128,11 @@ def hardware_from_measurement(peak_flops: float, bandwidth: float, name: str = "
     """A :class:`Hardware` from a measured matmul peak (FLOP/s) and bandwidth (bytes/s).
 
     The measured peak serves for every bit width (a CPU has no faster low-bit path in torch).
-    Introduced in Chapter 1.
+    Raises ``ValueError`` unless all three numbers are finite and positive. Introduced in Chapter 1.
     """
-    if peak_flops <= 0 or bandwidth <= 0:
-        raise ValueError(f"peak_flops={peak_flops!r} and bandwidth={bandwidth!r} must be positive.")
+    for key, value in (("peak_flops", peak_flops), ("bandwidth", bandwidth), ("onchip_buffer", onchip_buffer)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{key}={value!r} must be a finite positive number (a measurement), e.g. {key}=1e10.")
     return Hardware(name, float(bandwidth), float(peak_flops), float(peak_flops), float(onchip_buffer))
 
 
@@ -144,6 +157,11 @@ class ModelShape:
     tied_embeddings: bool = False
 
     def __post_init__(self) -> None:
+        for key in ("hidden_size", "num_heads", "num_kv_heads", "num_layers", "intermediate_size", "vocab_size"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{self.name}: {key}={value!r} must be a positive integer; "
+                                 "every size of a model is a count of at least 1.")
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise ValueError(f"{self.name}: hidden_size {self.hidden_size} must divide into "
                              f"{self.num_heads} heads, and heads into {self.num_kv_heads} KV heads.")
@@ -168,8 +186,7 @@ def get_model(name: str | ModelShape) -> ModelShape:
     """Look ``name`` up in :data:`MODELS`; a :class:`ModelShape` passes through. Introduced in Chapter 1."""
     if isinstance(name, ModelShape):
         return name
-    if name not in MODELS:
-        raise _one_of("model", name, sorted(MODELS))
+    check_choice("model", name, sorted(MODELS))
     return MODELS[name]
 
 
@@ -221,18 +238,12 @@ class Settings:
     def __post_init__(self) -> None:
         if self.kv_bit is None:
             object.__setattr__(self, "kv_bit", self.a_bit)
-        if self.stage not in STAGES:
-            raise _one_of("stage", self.stage, STAGES)
-        if self.compat not in COMPAT_MODES:
-            raise _one_of("compat mode", self.compat, COMPAT_MODES)
+        check_choice("stage", self.stage, STAGES)
+        check_choice("compat", self.compat, COMPAT_MODES)
         for key in ("w_bit", "a_bit", "kv_bit"):
-            if getattr(self, key) not in BIT_WIDTHS:
-                raise ValueError(f"{key}={getattr(self, key)!r} is not a supported bit width; "
-                                 f"use one of {', '.join(map(str, BIT_WIDTHS))}.")
+            check_choice(key, getattr(self, key), BIT_WIDTHS)
         for key in ("batch", "seq_len"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{key}={value!r} must be a positive integer, e.g. {key}=1.")
+            _positive_int(key, getattr(self, key))
 
     @property
     def query_tokens(self) -> int:
@@ -349,10 +360,10 @@ def fused_attention_cost(m: ModelShape, batch: int, q: int, s: int, a_byte: floa
     ops = sum(cost[1] for cost in attention_costs(m, batch, q, s, a_byte, kv_byte, compat))
     block_rows = min(math.ceil(onchip_buffer / (kv_byte * d)), d)
     passes = math.ceil(q / block_rows)
-    if compat:  # LLM-Viewer: MHA heads, K only, output sized like the scores, written twice
+    if compat:  # LLM-Viewer: K and V with all H heads, output sized like the scores, written twice
         return "fused_attention", ops, dict(load_act=batch * q * H * d * a_byte,
                                             store_act=2 * batch * q * s * H * a_byte,
-                                            load_kv=passes * batch * s * H * d * kv_byte)
+                                            load_kv=passes * batch * s * H * d * 2 * kv_byte)
     return "fused_attention", ops, dict(load_act=batch * q * H * d * a_byte,
                                         store_act=batch * q * H * d * a_byte,
                                         load_kv=passes * batch * s * KVH * d * 2 * kv_byte)
@@ -443,10 +454,9 @@ class Analysis:
 
     def find(self, name: str) -> OperatorCost:
         """The operator called ``name``."""
-        for op in self.operators:
-            if op.name == name:
-                return op
-        raise _one_of("operator", name, [op.name for op in self.operators])
+        names = [op.name for op in self.operators]
+        check_choice("operator", name, names)
+        return self.operators[names.index(name)]
 
     def to_dict(self) -> dict:
         """The CLI's JSON: ``operators`` rows and ``total`` (time s, ops, bytes, memory_footprint)."""
@@ -511,8 +521,8 @@ def generation(model: str | ModelShape, hardware: str | Hardware, prompt: int, n
     llm-viewer: G decode steps at P, ..., P+G-1 keys. Other keywords go to :func:`analyze`.
     Introduced in Chapter 1.
     """
-    if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1:
-        raise ValueError(f"new_tokens={new_tokens!r} must be a positive integer, e.g. new_tokens=128.")
+    _positive_int("prompt", prompt)
+    _positive_int("new_tokens", new_tokens)
     settings = {k: v for k, v in settings.items() if k not in ("stage", "seq_len")}
     prefill = analyze(model, hardware, "prefill", seq_len=prompt, **settings)
     start = prompt if prefill.settings.compat_llm_viewer else prompt + 1
