@@ -30,8 +30,8 @@ from effnb.config import check_choice
 __all__ = [
     "BIT_WIDTHS", "COMPAT_MODES", "HARDWARE", "MODELS", "QUIRKS", "STAGES",
     "Analysis", "Generation", "Hardware", "ModelShape", "OperatorCost", "Settings",
-    "analyze", "attention_costs", "elementwise_cost", "fused_attention_cost", "generation", "get_hardware",
-    "get_model", "hardware_from_measurement", "head_cost", "layer_costs", "linear_cost", "main",
+    "analyze", "attention_costs", "elementwise_cost", "footprint_bytes", "fused_attention_cost", "generation",
+    "get_hardware", "get_model", "hardware_from_measurement", "head_cost", "layer_costs", "linear_cost", "main",
     "plot_roofline", "register_hardware", "shape_from_config",
 ]
 
@@ -467,7 +467,14 @@ class Analysis:
                           "kv_cache": self.kv_cache_bytes, "activations": self.activation_bytes}}
 
 
-def _footprint(m: ModelShape, st: Settings, layer: list[OperatorCost], head: OperatorCost):
+def footprint_bytes(m: ModelShape, st: Settings, layer: list[OperatorCost],
+                    head: OperatorCost) -> tuple[float, float, float]:
+    r"""``(weights, kv_cache, activations)`` in bytes: what must sit in memory for this step.
+
+    Weights: every layer's weight bytes (effnb: plus the embedding table and an untied lm_head);
+    KV cache: :math:`2 L b s H_{kv} d\,kv_B`; activations: one layer's outputs, a rough upper
+    estimate of the live peak. Introduced in Chapter 1.
+    """
     kv_cache = 2.0 * m.num_layers * st.batch * st.seq_len * m.num_kv_heads * m.head_dim * st.kv_bit / 8
     weights = m.num_layers * sum(op.load_weight for op in layer)
     activations = sum(op.store_act for op in layer)
@@ -493,7 +500,7 @@ def analyze(model: str | ModelShape, hardware: str | Hardware, stage: Stage = "d
 
     layer = [place(c, m.num_layers) for c in layer_costs(m, st, hw.onchip_buffer)]
     head = place(head_cost(m, st), 1)
-    return Analysis(m, hw, st, layer + [head], *_footprint(m, st, layer, head))
+    return Analysis(m, hw, st, layer + [head], *footprint_bytes(m, st, layer, head))
 
 
 @dataclass(frozen=True)
@@ -536,7 +543,9 @@ def plot_roofline(analysis: Analysis, ax=None, label_top: int = 4):
     """Draw ``analysis.hardware``'s roofline (log-log) with each operator placed on it.
 
     Operators at (nearly) the same point share one label; the ``label_top`` groups that take
-    longest are labelled. Returns the axes. Introduced in Chapter 1.
+    longest are labelled, below and to the right of their points (the empty side of the roof),
+    with a thin arrow. The legend lists only the kinds of operator the plot shows.
+    Returns the axes. Introduced in Chapter 1.
     """
     import numpy as np
     from effnb import plot
@@ -549,20 +558,24 @@ def plot_roofline(analysis: Analysis, ax=None, label_top: int = 4):
     ax.loglog(ai, np.minimum(ai * hw.bandwidth, peak), color="black", lw=1.2, label=f"{hw.name} roof")
     groups: dict[tuple[int, int], list[OperatorCost]] = {}
     for op in ops:
-        ax.scatter(op.arithmetic_intensity, op.ops / op.time, color=plot.color(op.bound), s=18, zorder=3)
         key = (round(4 * math.log10(op.arithmetic_intensity)), round(4 * math.log10(op.ops / op.time)))
         groups.setdefault(key, []).append(op)
-    ranked = sorted(groups.values(), key=lambda g: -sum(o.count * o.time for o in g))[:label_top]
-    for i, group in enumerate(ranked):
-        first, names = group[0], [o.name for o in group]
-        text = ", ".join(names) if len(names) <= 3 else f"{names[0]} and {len(names) - 1} more"
-        ax.annotate(text, (first.arithmetic_intensity, first.ops / first.time),
-                    fontsize=7, xytext=(6, -12 - 9 * (i % 2)), textcoords="offset points")
     for role in ("memory", "compute"):
-        ax.scatter([], [], color=plot.color(role), s=18, label=f"{role}-bound operator")
+        mine = [op for op in ops if op.bound == role]
+        if mine:
+            ax.scatter([op.arithmetic_intensity for op in mine], [op.ops / op.time for op in mine],
+                       color=plot.color(role), s=18, zorder=3, label=f"{role}-bound operator")
+    ranked = sorted(groups.values(), key=lambda g: -sum(o.count * o.time for o in g))[:label_top]
+    # Labels in a column below the roof (empty there), highest point first, so the arrows do not cross.
+    for i, group in enumerate(sorted(ranked, key=lambda g: -g[0].arithmetic_intensity)):
+        first, names = group[0], [o.name for o in group]
+        text = ", ".join(names) if len(names) <= 2 else f"{names[0]} +{len(names) - 1} more"
+        ax.annotate(text, (first.arithmetic_intensity, first.ops / first.time), fontsize=7,
+                    xytext=(0.7, 0.64 - 0.08 * i), textcoords="axes fraction", va="center",
+                    arrowprops=dict(arrowstyle="-", color="grey", lw=0.6, relpos=(0, 0.5), shrinkA=2, shrinkB=3))
     ax.set(xlabel="arithmetic intensity (OP/byte)", ylabel="attained performance (OP/s)",
            title=f"{analysis.model.name}, {analysis.settings.stage}, batch {analysis.settings.batch}")
-    ax.legend(loc="upper left")
+    ax.legend(loc="lower right")
     return ax
 
 

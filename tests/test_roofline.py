@@ -228,9 +228,13 @@ def test_plot_roofline_places_every_operator():
     import matplotlib
 
     matplotlib.use("Agg")
-    ax = rl.plot_roofline(analyze("llama-2-7b", A100))
-    assert len(ax.collections) >= len(analyze("llama-2-7b", A100).operators)
+    step = analyze("llama-2-7b", A100)
+    ax = rl.plot_roofline(step)
+    assert sum(len(c.get_offsets()) for c in ax.collections) == len(step.operators)
     assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title()
+    # decode at batch 1 has no compute-bound operator, so the legend must not promise one
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "memory-bound operator" in labels and "compute-bound operator" not in labels
 
 
 # ----------------------------------------------------------------------------- error messages
