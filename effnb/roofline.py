@@ -109,8 +109,10 @@ HARDWARE: dict[str, Hardware] = {h.name: h for h in [
 
 def register_hardware(hardware: Hardware) -> Hardware:
     """Add (or replace) ``hardware`` in :data:`HARDWARE` so names can find it. Introduced in Chapter 1."""
-    if hardware.bandwidth <= 0 or hardware.fp16_ops <= 0 or hardware.int8_ops <= 0:
-        raise ValueError(f"{hardware.name}: bandwidth and peaks must be positive, got {hardware}.")
+    numbers = (hardware.bandwidth, hardware.fp16_ops, hardware.int8_ops, hardware.onchip_buffer)
+    if not all(math.isfinite(v) and v > 0 for v in numbers):
+        raise ValueError(f"{hardware.name}: bandwidth, peaks and on-chip buffer must be finite and positive, "
+                         f"got {hardware}.")
     HARDWARE[hardware.name] = hardware
     return hardware
 

@@ -262,8 +262,11 @@ def test_other_error_messages():
         analyze("llama-2-7b", A100).find("conv")
     with pytest.raises(ValueError, match=r"peak_flops=0 must be a finite positive number"):
         rl.hardware_from_measurement(peak_flops=0, bandwidth=1e9)
-    with pytest.raises(ValueError, match=r"bandwidth and peaks must be positive"):
+    with pytest.raises(ValueError, match=r"bandwidth, peaks and on-chip buffer must be finite and positive"):
         rl.register_hardware(rl.Hardware("bad", 0, 1, 1, 1))
+    with pytest.raises(ValueError, match=r"bad: bandwidth, peaks and on-chip buffer must be finite"):
+        rl.register_hardware(rl.Hardware("bad", 1e9, float("nan"), 1, 1))
+    assert "bad" not in rl.HARDWARE
     with pytest.raises(ValueError, match=r"must divide into 3 heads"):
         rl.ModelShape("odd", 100, 3, 1, 1, 10, 10)
     with pytest.raises(TypeError, match=r"has no num_attention_heads; pass a decoder config"):
