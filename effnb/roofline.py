@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import numbers
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -133,7 +134,7 @@ def hardware_from_measurement(peak_flops: float, bandwidth: float, name: str = "
     Raises ``ValueError`` unless all three numbers are finite and positive. Introduced in Chapter 1.
     """
     for key, value in (("peak_flops", peak_flops), ("bandwidth", bandwidth), ("onchip_buffer", onchip_buffer)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
             raise ValueError(f"{key}={value!r} must be a finite positive number (a measurement), e.g. {key}=1e10.")
     return Hardware(name, float(bandwidth), float(peak_flops), float(peak_flops), float(onchip_buffer))
 
@@ -545,8 +546,9 @@ def plot_roofline(analysis: Analysis, ax=None, label_top: int = 4):
     """Draw ``analysis.hardware``'s roofline (log-log) with each operator placed on it.
 
     Operators at (nearly) the same point share one label; the ``label_top`` groups that take
-    longest are labelled, below and to the right of their points (the empty side of the roof),
-    with a thin arrow. The legend lists only the kinds of operator the plot shows.
+    longest are labelled in a column at the lower right (under the roof, where no point can
+    sit), each joined to its point by a thin line. The legend lists only the kinds of operator
+    the plot shows.
     Returns the axes. Introduced in Chapter 1.
     """
     import numpy as np
