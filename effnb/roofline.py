@@ -21,15 +21,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import numbers
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+from effnb.config import check_choice
+
 __all__ = [
     "BIT_WIDTHS", "COMPAT_MODES", "HARDWARE", "MODELS", "QUIRKS", "STAGES",
     "Analysis", "Generation", "Hardware", "ModelShape", "OperatorCost", "Settings",
-    "analyze", "attention_costs", "elementwise_cost", "fused_attention_cost", "generation", "get_hardware",
-    "get_model", "hardware_from_measurement", "head_cost", "layer_costs", "linear_cost", "main",
+    "analyze", "attention_costs", "elementwise_cost", "footprint_bytes", "fused_attention_cost", "generation",
+    "get_hardware", "get_model", "hardware_from_measurement", "head_cost", "layer_costs", "linear_cost", "main",
     "plot_roofline", "register_hardware", "shape_from_config",
 ]
 
@@ -43,8 +46,9 @@ QUIRKS: dict[str, str] = {
     "prefill_qk_loads": "prefill qk_matmul loads Q as if it had the KV heads' size, and as KV cache",
     "mlp_act_width": "the MLP activation counts hidden_size elements instead of intermediate_size",
     "lm_head": "lm_head OPs lack the factor 2 and its activations ignore the batch size",
-    "fused_attention": "fused attention ignores grouped-query attention, loads only K (not V), "
-                       "and sizes the output like the score matrix (q x s) rather than q x d",
+    "fused_attention": "fused attention ignores grouped-query attention (streams K and V with all "
+                       "query heads) and writes the output twice, sized like the score matrix (q x s) "
+                       "rather than q x d",
     "opt_gate": "OPT is costed with a gate projection it does not have",
     "int8_peak": "the INT8 peak is used only when weights, activations and KV are all <= 8 bit, "
                  "even where it is below the FP16 peak (V100)",
@@ -54,9 +58,10 @@ QUIRKS: dict[str, str] = {
 }
 
 
-def _one_of(what: str, value: object, valid) -> ValueError:
-    choices = ", ".join(repr(v) for v in valid)
-    return ValueError(f"Unknown {what} {value!r}; use one of {choices}.")
+def _positive_int(name: str, value: object) -> None:
+    """One sentence for a size that must be a positive integer (``bool`` is not a size)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive integer, e.g. {name}=1.")
 
 
 # ----------------------------------------------------------------------------- hardware
@@ -74,9 +79,18 @@ class Hardware:
     int8_ops: float
     onchip_buffer: float
 
-    def ridge_point(self, int8: bool = False) -> float:
-        """The arithmetic intensity (OP/byte) where the roof turns flat. Introduced in Chapter 1."""
-        return (self.int8_ops if int8 else self.fp16_ops) / self.bandwidth
+    @property
+    def ridge(self) -> float:
+        """The arithmetic intensity (OP/byte) where the FP16 roof turns flat: ``fp16_ops / bandwidth``.
+
+        The same name and form as :attr:`effnb.measure.MachineRoofline.ridge`. Introduced in Chapter 1.
+        """
+        return self.fp16_ops / self.bandwidth
+
+    @property
+    def ridge_int8(self) -> float:
+        """The ridge of the INT8 roof: ``int8_ops / bandwidth``. Introduced in Chapter 1."""
+        return self.int8_ops / self.bandwidth
 
 
 # LLM-Viewer's table (hardwares/hardware_params.py): dense peaks = sparse peaks / 2.
@@ -86,7 +100,7 @@ HARDWARE: dict[str, Hardware] = {h.name: h for h in [
     Hardware("nvidia_A100", 1555e9, 312e12, 624e12, 27648e3),  # the 40 GB card
     Hardware("nvidia_A100_40G", 1555e9, 312e12, 624e12, 27648e3),
     Hardware("nvidia_A100_80G", 2039e9, 312e12, 624e12, 27648e3),
-    Hardware("nvidia_A40", 696e9, 149.7e12 / 2, 299.3e12 / 2, 21504e3),
+    Hardware("nvidia_A40", 696e9, 149.7e12, 299.3e12, 21504e3),  # LLM-Viewer lists the A40's dense peaks
     Hardware("nvidia_H100", 3072e9, 1979e12 / 2, 3958e12 / 2, 33792e3),  # SXM
     Hardware("nvidia_H100_SXM", 3072e9, 1979e12 / 2, 3958e12 / 2, 33792e3),
     Hardware("nvidia_H100_PCIe", 2048e9, 1513e12 / 2, 3026e12 / 2, 29184e3),
@@ -96,8 +110,10 @@ HARDWARE: dict[str, Hardware] = {h.name: h for h in [
 
 def register_hardware(hardware: Hardware) -> Hardware:
     """Add (or replace) ``hardware`` in :data:`HARDWARE` so names can find it. Introduced in Chapter 1."""
-    if hardware.bandwidth <= 0 or hardware.fp16_ops <= 0 or hardware.int8_ops <= 0:
-        raise ValueError(f"{hardware.name}: bandwidth and peaks must be positive, got {hardware}.")
+    numbers = (hardware.bandwidth, hardware.fp16_ops, hardware.int8_ops, hardware.onchip_buffer)
+    if not all(math.isfinite(v) and v > 0 for v in numbers):
+        raise ValueError(f"{hardware.name}: bandwidth, peaks and on-chip buffer must be finite and positive, "
+                         f"got {hardware}.")
     HARDWARE[hardware.name] = hardware
     return hardware
 
@@ -106,8 +122,7 @@ def get_hardware(name: str | Hardware) -> Hardware:
     """Look ``name`` up in :data:`HARDWARE`; a :class:`Hardware` passes through. Introduced in Chapter 1."""
     if isinstance(name, Hardware):
         return name
-    if name not in HARDWARE:
-        raise _one_of("hardware", name, sorted(HARDWARE))
+    check_choice("hardware", name, sorted(HARDWARE))
     return HARDWARE[name]
 
 
@@ -116,10 +131,11 @@ def hardware_from_measurement(peak_flops: float, bandwidth: float, name: str = "
     """A :class:`Hardware` from a measured matmul peak (FLOP/s) and bandwidth (bytes/s).
 
     The measured peak serves for every bit width (a CPU has no faster low-bit path in torch).
-    Introduced in Chapter 1.
+    Raises ``ValueError`` unless all three numbers are finite and positive. Introduced in Chapter 1.
     """
-    if peak_flops <= 0 or bandwidth <= 0:
-        raise ValueError(f"peak_flops={peak_flops!r} and bandwidth={bandwidth!r} must be positive.")
+    for key, value in (("peak_flops", peak_flops), ("bandwidth", bandwidth), ("onchip_buffer", onchip_buffer)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{key}={value!r} must be a finite positive number (a measurement), e.g. {key}=1e10.")
     return Hardware(name, float(bandwidth), float(peak_flops), float(peak_flops), float(onchip_buffer))
 
 
@@ -144,6 +160,11 @@ class ModelShape:
     tied_embeddings: bool = False
 
     def __post_init__(self) -> None:
+        for key in ("hidden_size", "num_heads", "num_kv_heads", "num_layers", "intermediate_size", "vocab_size"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{self.name}: {key}={value!r} must be a positive integer; "
+                                 "every size of a model is a count of at least 1.")
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise ValueError(f"{self.name}: hidden_size {self.hidden_size} must divide into "
                              f"{self.num_heads} heads, and heads into {self.num_kv_heads} KV heads.")
@@ -168,8 +189,7 @@ def get_model(name: str | ModelShape) -> ModelShape:
     """Look ``name`` up in :data:`MODELS`; a :class:`ModelShape` passes through. Introduced in Chapter 1."""
     if isinstance(name, ModelShape):
         return name
-    if name not in MODELS:
-        raise _one_of("model", name, sorted(MODELS))
+    check_choice("model", name, sorted(MODELS))
     return MODELS[name]
 
 
@@ -221,18 +241,12 @@ class Settings:
     def __post_init__(self) -> None:
         if self.kv_bit is None:
             object.__setattr__(self, "kv_bit", self.a_bit)
-        if self.stage not in STAGES:
-            raise _one_of("stage", self.stage, STAGES)
-        if self.compat not in COMPAT_MODES:
-            raise _one_of("compat mode", self.compat, COMPAT_MODES)
+        check_choice("stage", self.stage, STAGES)
+        check_choice("compat", self.compat, COMPAT_MODES)
         for key in ("w_bit", "a_bit", "kv_bit"):
-            if getattr(self, key) not in BIT_WIDTHS:
-                raise ValueError(f"{key}={getattr(self, key)!r} is not a supported bit width; "
-                                 f"use one of {', '.join(map(str, BIT_WIDTHS))}.")
+            check_choice(key, getattr(self, key), BIT_WIDTHS)
         for key in ("batch", "seq_len"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{key}={value!r} must be a positive integer, e.g. {key}=1.")
+            _positive_int(key, getattr(self, key))
 
     @property
     def query_tokens(self) -> int:
@@ -349,10 +363,10 @@ def fused_attention_cost(m: ModelShape, batch: int, q: int, s: int, a_byte: floa
     ops = sum(cost[1] for cost in attention_costs(m, batch, q, s, a_byte, kv_byte, compat))
     block_rows = min(math.ceil(onchip_buffer / (kv_byte * d)), d)
     passes = math.ceil(q / block_rows)
-    if compat:  # LLM-Viewer: MHA heads, K only, output sized like the scores, written twice
+    if compat:  # LLM-Viewer: K and V with all H heads, output sized like the scores, written twice
         return "fused_attention", ops, dict(load_act=batch * q * H * d * a_byte,
                                             store_act=2 * batch * q * s * H * a_byte,
-                                            load_kv=passes * batch * s * H * d * kv_byte)
+                                            load_kv=passes * batch * s * H * d * 2 * kv_byte)
     return "fused_attention", ops, dict(load_act=batch * q * H * d * a_byte,
                                         store_act=batch * q * H * d * a_byte,
                                         load_kv=passes * batch * s * KVH * d * 2 * kv_byte)
@@ -443,10 +457,9 @@ class Analysis:
 
     def find(self, name: str) -> OperatorCost:
         """The operator called ``name``."""
-        for op in self.operators:
-            if op.name == name:
-                return op
-        raise _one_of("operator", name, [op.name for op in self.operators])
+        names = [op.name for op in self.operators]
+        check_choice("operator", name, names)
+        return self.operators[names.index(name)]
 
     def to_dict(self) -> dict:
         """The CLI's JSON: ``operators`` rows and ``total`` (time s, ops, bytes, memory_footprint)."""
@@ -457,7 +470,14 @@ class Analysis:
                           "kv_cache": self.kv_cache_bytes, "activations": self.activation_bytes}}
 
 
-def _footprint(m: ModelShape, st: Settings, layer: list[OperatorCost], head: OperatorCost):
+def footprint_bytes(m: ModelShape, st: Settings, layer: list[OperatorCost],
+                    head: OperatorCost) -> tuple[float, float, float]:
+    r"""``(weights, kv_cache, activations)`` in bytes: what must sit in memory for this step.
+
+    Weights: every layer's weight bytes (effnb: plus the embedding table and an untied lm_head);
+    KV cache: :math:`2 L b s H_{kv} d\,kv_B`; activations: one layer's outputs, a rough upper
+    estimate of the live peak. Introduced in Chapter 1.
+    """
     kv_cache = 2.0 * m.num_layers * st.batch * st.seq_len * m.num_kv_heads * m.head_dim * st.kv_bit / 8
     weights = m.num_layers * sum(op.load_weight for op in layer)
     activations = sum(op.store_act for op in layer)
@@ -483,7 +503,7 @@ def analyze(model: str | ModelShape, hardware: str | Hardware, stage: Stage = "d
 
     layer = [place(c, m.num_layers) for c in layer_costs(m, st, hw.onchip_buffer)]
     head = place(head_cost(m, st), 1)
-    return Analysis(m, hw, st, layer + [head], *_footprint(m, st, layer, head))
+    return Analysis(m, hw, st, layer + [head], *footprint_bytes(m, st, layer, head))
 
 
 @dataclass(frozen=True)
@@ -511,8 +531,8 @@ def generation(model: str | ModelShape, hardware: str | Hardware, prompt: int, n
     llm-viewer: G decode steps at P, ..., P+G-1 keys. Other keywords go to :func:`analyze`.
     Introduced in Chapter 1.
     """
-    if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1:
-        raise ValueError(f"new_tokens={new_tokens!r} must be a positive integer, e.g. new_tokens=128.")
+    _positive_int("prompt", prompt)
+    _positive_int("new_tokens", new_tokens)
     settings = {k: v for k, v in settings.items() if k not in ("stage", "seq_len")}
     prefill = analyze(model, hardware, "prefill", seq_len=prompt, **settings)
     start = prompt if prefill.settings.compat_llm_viewer else prompt + 1
@@ -526,7 +546,10 @@ def plot_roofline(analysis: Analysis, ax=None, label_top: int = 4):
     """Draw ``analysis.hardware``'s roofline (log-log) with each operator placed on it.
 
     Operators at (nearly) the same point share one label; the ``label_top`` groups that take
-    longest are labelled. Returns the axes. Introduced in Chapter 1.
+    longest are labelled in a column at the lower right (under the roof, where no point can
+    sit), each joined to its point by a thin line. The legend lists only the kinds of operator
+    the plot shows.
+    Returns the axes. Introduced in Chapter 1.
     """
     import numpy as np
     from effnb import plot
@@ -539,20 +562,24 @@ def plot_roofline(analysis: Analysis, ax=None, label_top: int = 4):
     ax.loglog(ai, np.minimum(ai * hw.bandwidth, peak), color="black", lw=1.2, label=f"{hw.name} roof")
     groups: dict[tuple[int, int], list[OperatorCost]] = {}
     for op in ops:
-        ax.scatter(op.arithmetic_intensity, op.ops / op.time, color=plot.color(op.bound), s=18, zorder=3)
         key = (round(4 * math.log10(op.arithmetic_intensity)), round(4 * math.log10(op.ops / op.time)))
         groups.setdefault(key, []).append(op)
-    ranked = sorted(groups.values(), key=lambda g: -sum(o.count * o.time for o in g))[:label_top]
-    for i, group in enumerate(ranked):
-        first, names = group[0], [o.name for o in group]
-        text = ", ".join(names) if len(names) <= 3 else f"{names[0]} and {len(names) - 1} more"
-        ax.annotate(text, (first.arithmetic_intensity, first.ops / first.time),
-                    fontsize=7, xytext=(6, -12 - 9 * (i % 2)), textcoords="offset points")
     for role in ("memory", "compute"):
-        ax.scatter([], [], color=plot.color(role), s=18, label=f"{role}-bound operator")
+        mine = [op for op in ops if op.bound == role]
+        if mine:
+            ax.scatter([op.arithmetic_intensity for op in mine], [op.ops / op.time for op in mine],
+                       color=plot.color(role), s=18, zorder=3, label=f"{role}-bound operator")
+    ranked = sorted(groups.values(), key=lambda g: -sum(o.count * o.time for o in g))[:label_top]
+    # Labels in a column below the roof (empty there), highest point first, so the arrows do not cross.
+    for i, group in enumerate(sorted(ranked, key=lambda g: -g[0].arithmetic_intensity)):
+        first, names = group[0], [o.name for o in group]
+        text = ", ".join(names) if len(names) <= 2 else f"{names[0]} +{len(names) - 1} more"
+        ax.annotate(text, (first.arithmetic_intensity, first.ops / first.time), fontsize=7,
+                    xytext=(0.7, 0.64 - 0.08 * i), textcoords="axes fraction", va="center",
+                    arrowprops=dict(arrowstyle="-", color="grey", lw=0.6, relpos=(0, 0.5), shrinkA=2, shrinkB=3))
     ax.set(xlabel="arithmetic intensity (OP/byte)", ylabel="attained performance (OP/s)",
            title=f"{analysis.model.name}, {analysis.settings.stage}, batch {analysis.settings.batch}")
-    ax.legend(loc="upper left")
+    ax.legend(loc="lower right")
     return ax
 
 

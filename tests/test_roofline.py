@@ -48,6 +48,39 @@ def test_compat_quirks_by_hand():
     assert head.ops == 4096 * 32000 and head.load_act == 4096 * 2  # no factor 2, one token
 
 
+# LLM-Viewer's flash-attention branch (model_analyzer.py, ModelAnalyzer.analyze, `if use_flashattention`),
+# Llama-2-7B (h = 4096, H = KVH = 32, d = 128, L = 32), A100 (hardware_params.py: 1555e9 B/s, 312e12 OP/s FP16,
+# onchip_buffer 27648e3 B), batch 1, seqlen 1024, W16A16KV16, so a_byte = kv_byte = 2:
+#   block_size_r = min(ceil(onchip_buffer / (kv_byte * d)), d) = min(ceil(27648e3 / 256), 128) = 128
+#   n_blocks_r   = ceil(1 / 128) = 1 (decode);  ceil(1024 / 128) = 8 (prefill)
+#   load_act  = q_numel = q * d * b * H * a_byte                 (q = 1 decode, 1024 prefill)
+#   store_act = 2 * o_numel, o_numel = q * seqlen * b * H * a_byte ("initialize O and save O")
+#   load_kv   = n_blocks_r * seqlen * d * b * H * kv_byte * 2     (K and V, MHA heads)
+#   OPs = qk + sv + softmax = 2 * (2 q s d H b) + 5 b H q s
+# The step totals are LLM-Viewer's own output: its analyzer (commit 472f71f) run offline on a local
+# Llama-2-7B config.json gave decode 8.851083606430868 ms, prefill 50.27339259728057 ms,
+# memory_access 13,763,435,008 B (decode) and 30,142,437,888 B (prefill).
+@pytest.mark.parametrize("stage, q, passes, step_ms, step_bytes", [
+    ("decode", 1, 1, 8.851083606430868, 13_763_435_008),
+    ("prefill", 1024, 8, 50.27339259728057, 30_142_437_888),
+])
+def test_flash_attention_matches_llm_viewer(stage, q, passes, step_ms, step_bytes):
+    step = analyze("llama-2-7b", "nvidia_A100", stage, batch=1, seq_len=1024, flash=True, compat="llm-viewer")
+    fused = step.find("fused_attention")
+    assert fused.ops == 2 * (2 * q * 1024 * 128 * 32) + 5 * 32 * q * 1024
+    assert fused.load_act == q * 128 * 32 * 2
+    assert fused.store_act == 2 * (q * 1024 * 32 * 2)
+    assert fused.load_kv == passes * 1024 * 128 * 32 * 2 * 2
+    assert fused.bound == "memory"
+    assert step.total("bytes") == step_bytes
+    assert step.time * 1e3 == pytest.approx(step_ms, rel=1e-12)
+
+
+def test_a40_peaks_are_llm_viewers():
+    a40 = rl.HARDWARE["nvidia_A40"]  # hardware_params.py lists the A40's dense peaks directly
+    assert (a40.bandwidth, a40.fp16_ops, a40.int8_ops, a40.onchip_buffer) == (696e9, 149.7e12, 299.3e12, 21504e3)
+
+
 # ----------------------------------------------------------------------------- effnb mode, by hand
 def test_effnb_fixes_by_hand():
     pre = analyze("llama-2-7b", A100, "prefill", batch=2, seq_len=512)
@@ -181,7 +214,7 @@ def test_shape_from_opt_config():
 
 def test_hardware_from_measurement_and_register():
     hw = rl.hardware_from_measurement(peak_flops=1e11, bandwidth=2e10)
-    assert hw.name == "this machine" and hw.ridge_point() == pytest.approx(5.0)
+    assert hw.name == "this machine" and hw.ridge == pytest.approx(5.0) and hw.ridge_int8 == pytest.approx(5.0)
     step = analyze("llama-2-7b", hw, w_bit=32, a_bit=32)
     assert step.find("q_proj").time == pytest.approx(step.find("q_proj").bytes / 2e10)
     custom = rl.register_hardware(rl.Hardware("my_card", 1e12, 1e14, 2e14, 1e7))
@@ -195,20 +228,24 @@ def test_plot_roofline_places_every_operator():
     import matplotlib
 
     matplotlib.use("Agg")
-    ax = rl.plot_roofline(analyze("llama-2-7b", A100))
-    assert len(ax.collections) >= len(analyze("llama-2-7b", A100).operators)
+    step = analyze("llama-2-7b", A100)
+    ax = rl.plot_roofline(step)
+    assert sum(len(c.get_offsets()) for c in ax.collections) == len(step.operators)
     assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title()
+    # decode at batch 1 has no compute-bound operator, so the legend must not promise one
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "memory-bound operator" in labels and "compute-bound operator" not in labels
 
 
 # ----------------------------------------------------------------------------- error messages
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(model="gpt-5"), r"Unknown model 'gpt-5'; use one of .*'llama-2-7b'"),
-    (dict(hardware="tpu"), r"Unknown hardware 'tpu'; use one of .*'nvidia_A100'"),
-    (dict(stage="train"), r"Unknown stage 'train'; use one of 'prefill', 'decode'"),
-    (dict(compat="vllm"), r"Unknown compat mode 'vllm'; use one of 'effnb', 'llm-viewer'"),
-    (dict(w_bit=5), r"w_bit=5 is not a supported bit width; use one of 2, 3, 4, 8, 16, 32"),
-    (dict(a_bit=1), r"a_bit=1 is not a supported bit width"),
-    (dict(kv_bit=12), r"kv_bit=12 is not a supported bit width"),
+    (dict(model="gpt-5"), r"model='gpt-5' is not valid; use one of .*'llama-2-7b'"),
+    (dict(hardware="tpu"), r"hardware='tpu' is not valid; use one of .*'nvidia_A100'"),
+    (dict(stage="train"), r"stage='train' is not valid; use one of 'prefill', 'decode'"),
+    (dict(compat="vllm"), r"compat='vllm' is not valid; use one of 'effnb', 'llm-viewer'"),
+    (dict(w_bit=5), r"w_bit=5 is not valid; use one of 2, 3, 4, 8, 16, 32"),
+    (dict(a_bit=1), r"a_bit=1 is not valid"),
+    (dict(kv_bit=12), r"kv_bit=12 is not valid"),
     (dict(batch=0), r"batch=0 must be a positive integer"),
     (dict(seq_len=-3), r"seq_len=-3 must be a positive integer"),
 ])
@@ -221,16 +258,54 @@ def test_error_messages(kwargs, match):
 def test_other_error_messages():
     with pytest.raises(ValueError, match=r"new_tokens=0 must be a positive integer"):
         generation("llama-2-7b", A100, prompt=8, new_tokens=0)
-    with pytest.raises(ValueError, match=r"Unknown operator 'conv'; use one of 'attn_norm'"):
+    with pytest.raises(ValueError, match=r"operator='conv' is not valid; use one of 'attn_norm'"):
         analyze("llama-2-7b", A100).find("conv")
-    with pytest.raises(ValueError, match=r"must be positive"):
+    with pytest.raises(ValueError, match=r"peak_flops=0 must be a finite positive number"):
         rl.hardware_from_measurement(peak_flops=0, bandwidth=1e9)
-    with pytest.raises(ValueError, match=r"bandwidth and peaks must be positive"):
+    with pytest.raises(ValueError, match=r"bandwidth, peaks and on-chip buffer must be finite and positive"):
         rl.register_hardware(rl.Hardware("bad", 0, 1, 1, 1))
+    with pytest.raises(ValueError, match=r"bad: bandwidth, peaks and on-chip buffer must be finite"):
+        rl.register_hardware(rl.Hardware("bad", 1e9, float("nan"), 1, 1))
+    assert "bad" not in rl.HARDWARE
     with pytest.raises(ValueError, match=r"must divide into 3 heads"):
         rl.ModelShape("odd", 100, 3, 1, 1, 10, 10)
     with pytest.raises(TypeError, match=r"has no num_attention_heads; pass a decoder config"):
         rl.shape_from_config(object())
+
+
+@pytest.mark.parametrize("field, value", [("num_heads", 0), ("num_kv_heads", 0), ("hidden_size", -4096),
+                                          ("num_layers", -1), ("intermediate_size", 0), ("vocab_size", 2.5)])
+def test_model_shape_rejects_non_positive_sizes(field, value):
+    sizes = dict(hidden_size=4096, num_heads=32, num_kv_heads=32, num_layers=32, intermediate_size=11008,
+                 vocab_size=32000) | {field: value}
+    with pytest.raises(ValueError, match=rf"bad: {field}={value!r} must be a positive integer"):
+        rl.ModelShape("bad", **sizes)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(peak_flops=float("nan"), bandwidth=1e10), r"peak_flops=nan must be a finite positive number"),
+    (dict(peak_flops=1e11, bandwidth=float("inf")), r"bandwidth=inf must be a finite positive number"),
+    (dict(peak_flops=1e11, bandwidth=-2e10), r"bandwidth=-20000000000.0 must be a finite positive number"),
+    (dict(peak_flops=1e11, bandwidth=1e10, onchip_buffer=float("nan")), r"onchip_buffer=nan must be"),
+])
+def test_hardware_from_measurement_rejects_non_finite_or_non_positive(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        rl.hardware_from_measurement(**kwargs)
+
+
+@pytest.mark.parametrize("prompt", [0, -5, 1.5, True])
+def test_generation_names_prompt_in_its_error(prompt):
+    with pytest.raises(ValueError, match=rf"^prompt={prompt!r} must be a positive integer"):
+        generation("llama-2-7b", A100, prompt=prompt, new_tokens=4)
+
+
+def test_ridge_is_a_property_like_measure_machine_roofline():
+    from effnb.measure import MachineRoofline
+
+    assert isinstance(vars(rl.Hardware)["ridge"], property)
+    assert isinstance(vars(MachineRoofline)["ridge"], property)
+    assert A100.ridge == pytest.approx(312e12 / 1555e9) and A100.ridge_int8 == pytest.approx(624e12 / 1555e9)
+    assert not hasattr(rl.Hardware, "ridge_point")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -258,15 +333,15 @@ def test_cli_unknown_hardware_is_one_sentence_without_traceback():
     out = _cli("--hardware", "nvidia_B200", "--json")
     assert out.returncode != 0 and out.stdout == ""
     assert "Traceback" not in out.stderr
-    assert out.stderr.strip().startswith("error: Unknown hardware 'nvidia_B200'; use one of")
+    assert out.stderr.strip().startswith("error: hardware='nvidia_B200' is not valid; use one of")
     assert len(out.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("args, match", [
-    (["--model", "llama-3"], "Unknown model 'llama-3'"),
-    (["--w-bit", "5"], "w_bit=5 is not a supported bit width"),
-    (["--stage", "train"], "Unknown stage 'train'"),
-    (["--compat", "x"], "Unknown compat mode 'x'"),
+    (["--model", "llama-3"], "model='llama-3' is not valid"),
+    (["--w-bit", "5"], "w_bit=5 is not valid"),
+    (["--stage", "train"], "stage='train' is not valid"),
+    (["--compat", "x"], "compat='x' is not valid"),
     (["--generate-tokens", "0"], "new_tokens=0 must be a positive integer"),
 ])
 def test_cli_errors_in_process(args, match, capsys):
