@@ -10,7 +10,7 @@ from effnb import config, diffusion, train
 
 EFFNB = Path(__file__).resolve().parents[1] / "effnb"
 # Modules another engineer is changing at the same time; the lead moves them over (issue 8, item 8).
-PENDING = {"roofline.py"}
+PENDING: set[str] = set()
 
 
 @pytest.mark.parametrize("module", sorted(p.name for p in EFFNB.glob("*.py") if p.name not in PENDING | {"config.py"}))
