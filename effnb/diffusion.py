@@ -154,7 +154,9 @@ def sinusoidal_embedding(t: torch.Tensor, frequencies: int = 32, max_period: flo
 
 @dataclass(frozen=True)
 class MLPDenoiserConfig:
-    """Shape of a :class:`ResidualMLPDenoiser`; :func:`sample` reads ``sample_size`` and ``in_channels``."""
+    """Shape of a :class:`ResidualMLPDenoiser`; :func:`sample` reads ``sample_size`` and ``in_channels``.
+    Introduced in Chapter 2.
+    """
 
     sample_size: int = 8
     in_channels: int = 1
