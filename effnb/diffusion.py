@@ -34,6 +34,7 @@ from effnb.train import load_checkpoint, read_checkpoint_metadata, save_checkpoi
 __all__ = [
     "CHECKPOINT_DIR",
     "MAKE_SCRIPT",
+    "DIT4X64_SNAPSHOTS",
     "REFERENCE_NAMES",
     "MLPDenoiserConfig",
     "ResidualMLPDenoiser",
@@ -557,7 +558,11 @@ def sample_quality(classifier: torch.nn.Module, samples: torch.Tensor, labels: t
 # ------------------------------------------------------------------------- checkpoints
 CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "data" / "checkpoints"
 MAKE_SCRIPT = "python scripts/make_diffusion_checkpoints.py"
-REFERENCE_NAMES: tuple[str, ...] = ("dit_digits8", "unet_digits8", "classifier_digits8")
+# dit4x64_digits8 (Chapter 5): a 393k-parameter DiT trained with EMA until its samples are digits,
+# with two earlier EMA snapshots of the same run, to see how activation salience grows with training.
+DIT4X64_SNAPSHOTS: tuple[int, ...] = (500, 2000)
+REFERENCE_NAMES: tuple[str, ...] = ("dit_digits8", "unet_digits8", "classifier_digits8", "dit4x64_digits8",
+                                    *(f"dit4x64_digits8_step{s}" for s in DIT4X64_SNAPSHOTS))
 _MANIFEST = "SHA256SUMS"
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "MachineRoofline",
     "count_flops",
     "count_parameters",
+    "cpu_instruction_sets",
     "cpu_name",
     "last_level_cache_bytes",
     "latency",
@@ -201,6 +202,29 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+# x86 vector and matrix extensions, then ARM's, in the order a reader compares machines by.
+_INSTRUCTION_SETS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+                     "avx_vnni", "avx512_bf16", "avx512_fp16", "avx512_vpopcntdq", "amx_tile", "amx_int8",
+                     "amx_bf16", "asimd", "asimddp", "sve", "sve2", "i8mm", "bf16")
+
+
+def cpu_instruction_sets(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
+    """The SIMD and matrix instruction sets this CPU reports, then ``"torch:<level>"``, the vector
+    level torch's kernels were dispatched to (``torch.backends.cpu.get_cpu_capability()``).
+
+    Reads the first ``flags`` (x86) or ``Features`` (ARM) line of ``cpuinfo``; returns ``[]`` where
+    that file is missing (macOS, Windows). Example: ``['avx', 'avx2', 'fma', ..., 'torch:AVX2']``.
+    Introduced in Chapter 5.
+    """
+    try:
+        with open(cpuinfo) as fh:
+            line = next((ln for ln in fh if ln.split(":")[0].strip() in ("flags", "Features")), "")
+    except OSError:
+        return []
+    flags = set(line.partition(":")[2].split())
+    return [name for name in _INSTRUCTION_SETS if name in flags] + [f"torch:{torch.backends.cpu.get_cpu_capability()}"]
 
 
 def measure_matmul(n: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32,

@@ -181,3 +181,16 @@ def test_matmul_size_must_be_a_whole_number(n, error):
 def test_bandwidth_size_must_be_a_whole_number(numel):
     with pytest.raises(ValueError, match=rf"numel={numel!r} must be a whole number >= 1"):
         measure.measure_bandwidth(numel)
+
+
+def test_cpu_instruction_sets_reads_the_flags_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    fake = tmp_path / "cpuinfo"
+    fake.write_text("processor\t: 0\nmodel name\t: Fake CPU\nflags\t\t: fpu sse4_2 fma avx2 avx avx512_vnni_x amx_int8\n"
+                    "processor\t: 1\nflags\t\t: avx512f\n")
+    # Known sets in the module's fixed order; a look-alike (avx512_vnni_x) and the second core's line are ignored.
+    assert measure.cpu_instruction_sets(str(fake)) == ["sse4_2", "avx", "avx2", "fma", "amx_int8", "torch:AVX2"]
+    arm = tmp_path / "cpuinfo_arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd asimddp sve i8mm\n")
+    assert measure.cpu_instruction_sets(str(arm)) == ["asimd", "asimddp", "sve", "i8mm", "torch:AVX2"]
+    assert measure.cpu_instruction_sets(str(tmp_path / "missing")) == []
