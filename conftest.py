@@ -29,3 +29,15 @@ def skip_or_fail(reason: str) -> None:
     if os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}:
         pytest.fail(f"{reason}; CI is set, so this fails instead of skipping", pytrace=False)
     pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a test module's tiny tensors on one thread (use with ``pytestmark``); on two shared cores
+    a second thread only waits for the other one. The previous count is restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

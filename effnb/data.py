@@ -1,9 +1,12 @@
-"""Data sets for the book: bundled digits, long-tailed subsets, real loaders behind a flag.
+"""Data sets for the book: bundled digits, long-tailed subsets, generated scenes, real loaders behind a flag.
 
 Everything here runs offline. The default image set is scikit-learn's bundled ``digits``
 (1,797 grey 8×8 images). MNIST (idx files) and CIFAR-10 (its *binary* version, which needs no
 pickle) load from local files; they are fetched only with an explicit ``download=True``, and
 every fetched file is checked against the sha256 in :data:`REGISTRY`. Introduced in Chapter 0.
+
+Chapter 7 adds multi-task dense prediction: :func:`make_dense_scenes` generates scenes with
+segmentation, depth, normals and boundaries, and :func:`load_nyud` reads NYUD-v2 in the same form.
 """
 from __future__ import annotations
 
@@ -18,28 +21,37 @@ import tempfile
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from effnb.config import check_choice
+from effnb.config import check_choice, check_count
 
 __all__ = [
+    "NYUD_ARCHIVE_URL",
+    "NYUD_PAGE",
     "REGISTRY",
+    "SCENE_SHAPES",
+    "DenseScenes",
     "RemoteFile",
     "Split",
     "atomic_path",
+    "boundaries_from_segmentation",
     "check_sha256",
     "class_counts",
+    "dense_scene_split",
     "fetch",
     "load_cifar10",
     "load_digits",
     "load_mnist",
+    "load_nyud",
     "long_tail_counts",
     "long_tail_subset",
+    "make_dense_scenes",
+    "normals_from_depth",
     "read_cifar10_binary",
     "read_idx",
     "read_sha256sums",
@@ -333,3 +345,404 @@ def load_cifar10(root: str | Path, download: bool = False, size: int | None = No
 
     return Split(_resize(as_float(xtr), size), torch.from_numpy(ytr),
                  _resize(as_float(xte), size), torch.from_numpy(yte), num_classes=10)
+
+
+# ----------------------------------------------------------------------------- dense scenes (Chapter 7)
+@dataclass(frozen=True)
+class DenseScenes:
+    """Images and four dense targets for multi-task prediction, one row per scene.
+
+    ``images`` ``(N, 3, H, W)`` float32 in [0, 1]; ``segmentation`` ``(N, H, W)`` int64 in
+    ``[0, num_classes)``, or ``ignore_index`` where a pixel has no label (NYUD-v2's unlabelled
+    pixels; generated scenes have none); ``depth`` ``(N, 1, H, W)`` float32; ``normals``
+    ``(N, 3, H, W)`` float32 unit vectors (zero where unknown); ``boundaries`` ``(N, 1, H, W)``
+    float32 in {0, 1}. Introduced in Chapter 7.
+    """
+
+    images: torch.Tensor
+    segmentation: torch.Tensor
+    depth: torch.Tensor
+    normals: torch.Tensor
+    boundaries: torch.Tensor
+    num_classes: int
+    ignore_index: int = 255
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4 or self.images.shape[1] != 3:
+            raise ValueError(f"images must have shape (N, 3, H, W), got {tuple(self.images.shape)}.")
+        n, _, h, w = self.images.shape
+        expected = {"segmentation": (n, h, w), "depth": (n, 1, h, w), "normals": (n, 3, h, w),
+                    "boundaries": (n, 1, h, w)}
+        for name, shape in expected.items():
+            actual = tuple(getattr(self, name).shape)
+            if actual != shape:
+                raise ValueError(f"{name} has shape {actual}; images of shape {(n, 3, h, w)} need {shape}.")
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def subset(self, index: int | slice | list[int] | torch.Tensor) -> DenseScenes:
+        """The scenes at ``index`` (an int, a slice, a list of ints, an int or bool tensor) as new
+        :class:`DenseScenes`; an int keeps the leading ``N`` axis (``N = 1``)."""
+        if isinstance(index, int):
+            index = [index]
+        return replace(self, images=self.images[index], segmentation=self.segmentation[index],
+                       depth=self.depth[index], normals=self.normals[index], boundaries=self.boundaries[index])
+
+
+def normals_from_depth(depth: torch.Tensor, pixel_size: float = 1.0) -> torch.Tensor:
+    r"""Unit surface normals ``(N, 3, H, W)`` of a depth map ``(N, 1, H, W)`` by finite differences.
+
+    :math:`n = (-\partial z/\partial x, -\partial z/\partial y, 1) / \lVert\cdot\rVert`, with x along
+    the columns (to the right), y along the rows (down), and derivatives in depth units per
+    ``pixel_size``: central differences inside, one-sided at the border (``torch.gradient``). A
+    plane :math:`z = ax + by + c` gets exactly :math:`(-a, -b, 1)/\sqrt{a^2 + b^2 + 1}` at every
+    pixel; at a depth jump between two surfaces the pixels on both sides tilt toward the far one.
+    Introduced in Chapter 7.
+    """
+    if depth.ndim != 4 or depth.shape[1] != 1 or min(depth.shape[-2:]) < 2:
+        raise ValueError(f"depth must have shape (N, 1, H, W) with H, W >= 2, got {tuple(depth.shape)}.")
+    if not pixel_size > 0:
+        raise ValueError(f"pixel_size={pixel_size!r} must be positive, e.g. pixel_size=1.0.")
+    dz_dy, dz_dx = torch.gradient(depth.float(), spacing=pixel_size, dim=(2, 3))
+    normals = torch.cat([-dz_dx, -dz_dy, torch.ones_like(dz_dx)], dim=1)  # (N, 3, H, W)
+    return normals / normals.norm(dim=1, keepdim=True)
+
+
+def boundaries_from_segmentation(segmentation: torch.Tensor) -> torch.Tensor:
+    """Boundary map ``(N, 1, H, W)`` float32 in {0, 1} of a label map ``(N, H, W)``.
+
+    A pixel is a boundary pixel when one of its 4-neighbours (left, right, up, down) has another
+    label, so every label change marks the pixels on both sides of it (a line two pixels wide).
+    Introduced in Chapter 7.
+    """
+    if segmentation.ndim != 3:
+        raise ValueError(f"segmentation must have shape (N, H, W), got {tuple(segmentation.shape)}.")
+    edge = torch.zeros_like(segmentation, dtype=torch.bool)
+    across = segmentation[:, :, 1:] != segmentation[:, :, :-1]  # (N, H, W-1) left/right changes
+    edge[:, :, 1:] |= across
+    edge[:, :, :-1] |= across
+    down = segmentation[:, 1:, :] != segmentation[:, :-1, :]  # (N, H-1, W) up/down changes
+    edge[:, 1:, :] |= down
+    edge[:, :-1, :] |= down
+    return edge.unsqueeze(1).float()
+
+
+# Class c >= 1 draws the shape SCENE_SHAPES[(c - 1) % 5] and a colour of its own hue.
+SCENE_SHAPES: tuple[str, ...] = ("disc", "rectangle", "triangle", "ring", "cross")
+_HAZE = np.array([0.72, 0.76, 0.82], dtype=np.float32)  # the colour far surfaces fade toward
+_HAZE_DEPTH = 16.0  # depth at which a surface keeps 1/e of its own colour
+_LIGHT_ELEVATION = np.pi / 4  # the three lights' angle from the viewing axis
+_OFF_COLOUR = 0.25  # share of objects painted any colour instead of their class's
+_CHUNK = 256  # scenes rendered at once (about 10 MB per array at 32 × 32)
+
+
+def _class_colours(num_classes: int) -> np.ndarray:
+    """Mean colour of each class, ``(num_classes, 3)``: evenly spaced hues, row 0 unused."""
+    hue = (np.arange(num_classes) - 1) / max(num_classes - 1, 1) + 0.05
+    pure = np.clip(np.stack([np.abs(6 * hue - 3) - 1, 2 - np.abs(6 * hue - 2), 2 - np.abs(6 * hue - 4)], 1), 0, 1)
+    return 0.85 * (0.35 + 0.65 * pure)  # value 0.85, saturation 0.65
+
+
+def _scene_parameters(rng: np.random.Generator, n: int, num_classes: int, max_objects: int) -> dict:
+    """Everything random about ``n`` scenes except the pixel noise, drawn at once.
+
+    Layer 0 is the background, layers 1..K the object slots (K = ``max_objects``); arrays are
+    ``(n, K+1, ...)``. Depth planes ``z = near + slope · ((x, y) - centre)`` over the image square
+    [-1, 1]²: the background has near in [8, 10] and slopes in [-1.2, 1.2], so z >= 5.6 everywhere;
+    objects have near in [2, 4], slopes in [-0.8, 0.8] and reach at most 0.5·√2 from their centre,
+    so z <= 5.2 where they are drawn: every object lies in front of the background.
+    """
+    k = max_objects
+    count = rng.integers(1, k + 1, n)  # objects per scene, 1..K
+    label = np.concatenate([np.zeros((n, 1), np.int64), rng.integers(1, num_classes, (n, k))], 1)
+    # colour: the class's hue with jitter, but a quarter of the objects take any colour, so colour
+    # is a strong cue to the class and shape is needed for the rest; the background is about grey
+    colour = _class_colours(num_classes)[label] + rng.normal(0, 0.06, (n, k + 1, 3))
+    any_colour = rng.random((n, k)) < _OFF_COLOUR
+    colour[:, 1:][any_colour] = rng.uniform(0.15, 0.85, (int(any_colour.sum()), 3))
+    colour[:, 0] = rng.uniform(0.35, 0.8, (n, 1)) + rng.normal(0, 0.03, (n, 3))
+    # one light per colour channel (red, green, blue), 120° apart around the viewing axis, as in
+    # photometric stereo: on a grey surface the ratios of the channels tell the normal
+    azimuth = np.pi / 2 + 2 * np.pi / 3 * np.arange(3) + rng.normal(0, 0.1, (n, 1))  # (n, 3)
+    light = np.stack([np.cos(azimuth) * np.sin(_LIGHT_ELEVATION), np.sin(azimuth) * np.sin(_LIGHT_ELEVATION),
+                      np.full_like(azimuth, np.cos(_LIGHT_ELEVATION))], -1)  # (n, 3 channels, 3 xyz)
+    direction = rng.uniform(0, np.pi, (n, k + 1))
+    par = {
+        "label": label,
+        "active": np.concatenate([np.ones((n, 1), bool), np.arange(k) < count[:, None]], 1),
+        "centre": np.concatenate([np.zeros((n, 1, 2)), rng.uniform(-0.75, 0.75, (n, k, 2))], 1),
+        "near": np.concatenate([rng.uniform(8, 10, (n, 1)), rng.uniform(2, 4, (n, k))], 1),
+        "slope": np.concatenate([rng.uniform(-1.2, 1.2, (n, 1, 2)), rng.uniform(-0.8, 0.8, (n, k, 2))], 1),
+        "scale": rng.uniform(0.25, 0.5, (n, k)),  # radius of the shape's unit frame
+        "angle": rng.uniform(0, 2 * np.pi, (n, k)),
+        "aspect": rng.uniform(0.55, 1.0, (n, k)),  # height / width of rectangles
+        "colour": np.clip(colour, 0.05, 0.95),
+        "light": light,
+        # surface texture: stripes with wave vector (4..8)·(cos, sin)(direction) and a phase
+        "wave": rng.uniform(4, 8, (n, k + 1, 1)) * np.stack([np.cos(direction), np.sin(direction)], -1),
+        "phase": rng.uniform(0, 2 * np.pi, (n, k + 1)),
+    }
+    return {name: a.astype(np.float32) if a.dtype == np.float64 else a for name, a in par.items()}
+
+
+def _inside_shape(shape: int, p: np.ndarray, q: np.ndarray, aspect: np.ndarray) -> np.ndarray:
+    """Whether the points ``(p, q)`` of each object's own frame lie in shape ``SCENE_SHAPES[shape]``
+    (about unit radius; ``aspect`` ``(M, 1, 1)`` squeezes the rectangle). All arrays ``(M, H, W)``."""
+    if shape == 0:  # disc
+        return p * p + q * q <= 1
+    if shape == 1:  # rectangle
+        return (np.abs(p) <= 1) & (np.abs(q) <= aspect)
+    if shape == 2:  # equilateral triangle with corners at radius 1.3 (about the disc's area)
+        return (q >= -0.65) & (q <= 1.3 - np.sqrt(3) * np.abs(p))
+    if shape == 3:  # ring
+        return (p * p + q * q <= 1) & (p * p + q * q >= 0.45**2)
+    return ((np.abs(p) <= 1) & (np.abs(q) <= 0.3)) | ((np.abs(q) <= 1) & (np.abs(p) <= 0.3))  # cross
+
+
+def _layer_depths(par: dict, grid: np.ndarray) -> np.ndarray:
+    """Depth of every layer at every pixel, ``inf`` where a layer is absent: ``(n, K+1, H, W)``."""
+    dx = grid[None, None, None, :] - par["centre"][..., 0, None, None]  # (n, K+1, 1, W)
+    dy = grid[None, None, :, None] - par["centre"][..., 1, None, None]  # (n, K+1, H, 1)
+    slope_x, slope_y = par["slope"][..., 0, None, None], par["slope"][..., 1, None, None]
+    z = par["near"][..., None, None] + slope_x * dx + slope_y * dy  # (n, K+1, H, W)
+    # each object's own frame: rotate by its angle, divide by its scale
+    cos, sin, scale = (a[..., None, None] for a in (np.cos(par["angle"]), np.sin(par["angle"]), par["scale"]))
+    p = (cos * dx[:, 1:] + sin * dy[:, 1:]) / scale  # (n, K, H, W)
+    q = (cos * dy[:, 1:] - sin * dx[:, 1:]) / scale
+    shape = (par["label"][:, 1:] - 1) % len(SCENE_SHAPES)
+    inside = np.zeros(p.shape, bool)
+    for s in np.unique(shape):
+        m = shape == s
+        inside[m] = _inside_shape(int(s), p[m], q[m], par["aspect"][m][:, None, None])
+    drawn = np.concatenate([np.ones_like(inside[:, :1]), inside & par["active"][:, 1:, None, None]], 1)
+    return np.where(drawn, z, np.inf).astype(np.float32)
+
+
+def _normals_np(depth: np.ndarray, pixel_size: float) -> np.ndarray:
+    """NumPy twin of :func:`normals_from_depth` (the generator stays in NumPy, which is faster here)."""
+    dz_dy, dz_dx = np.gradient(depth, pixel_size, axis=(2, 3))
+    normals = np.concatenate([-dz_dx, -dz_dy, np.ones_like(dz_dx)], 1)  # (n, 3, H, W)
+    return normals / np.sqrt((normals * normals).sum(1, keepdims=True))
+
+
+def _boundaries_np(segmentation: np.ndarray) -> np.ndarray:
+    """NumPy twin of :func:`boundaries_from_segmentation`."""
+    edge = np.zeros(segmentation.shape, bool)
+    across = segmentation[:, :, 1:] != segmentation[:, :, :-1]
+    edge[:, :, 1:] |= across
+    edge[:, :, :-1] |= across
+    down = segmentation[:, 1:, :] != segmentation[:, :-1, :]
+    edge[:, 1:, :] |= down
+    edge[:, :-1, :] |= down
+    return edge[:, None].astype(np.float32)
+
+
+def _render(par: dict, size: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    """Images and targets of the scenes in ``par`` (NumPy), in the order of :class:`DenseScenes`."""
+    grid = ((np.arange(size) + 0.5) * 2 / size - 1).astype(np.float32)  # pixel centres in [-1, 1]
+    z = _layer_depths(par, grid)
+    objects = z[:, 1:][np.isfinite(z[:, 1:])]
+    assert objects.max(initial=0) < z[:, 0].min(), "an object reaches behind the background"
+    visible = z.argmin(1)  # (n, H, W): the nearest layer is drawn on top
+    scene = np.arange(len(visible))[:, None, None]
+    depth = np.take_along_axis(z, visible[:, None], 1)  # (n, 1, H, W)
+    normals = _normals_np(depth, 2 / size)
+    segmentation = par["label"][scene, visible]  # (n, H, W)
+    # 1. albedo with stripes whose frequency grows with depth, as a texture does under perspective
+    wave = par["wave"][scene, visible]  # (n, H, W, 2)
+    along = (wave[..., 0] * grid[None, None, :] + wave[..., 1] * grid[None, :, None]) * depth[:, 0] / 5
+    stripes = np.sin(along + par["phase"][scene, visible])[:, None]  # (n, 1, H, W)
+    albedo = par["colour"][scene, visible].transpose(0, 3, 1, 2) * (1 + 0.1 * stripes)  # (n, 3, H, W)
+    # 2. Lambert shading by the normals, each channel by its own light, 3. haze that grows with
+    # depth, 4. sensor noise
+    shade = 0.25 + 0.75 * np.maximum(np.einsum("nchw,nkc->nkhw", normals, par["light"]), 0)  # (n, 3, H, W)
+    keep = np.exp(-depth / _HAZE_DEPTH)
+    noise = 0.02 * rng.standard_normal(albedo.shape, dtype=np.float32)
+    image = albedo * shade * keep + _HAZE[:, None, None] * (1 - keep) + noise
+    return np.clip(image, 0, 1), segmentation, depth, normals, _boundaries_np(segmentation)
+
+
+def make_dense_scenes(n: int, size: int = 32, seed: int = 0, num_classes: int = 4,
+                      max_objects: int = 4) -> DenseScenes:
+    """``n`` generated scenes of ``size × size`` pixels with segmentation, depth, normals and boundaries.
+
+    Each scene is a background plane (class 0) tilted in depth, with 1..``max_objects`` flat objects
+    in front of it. An object of class c in 1..``num_classes``-1 has the shape
+    ``SCENE_SHAPES[(c - 1) % 5]`` (disc, rectangle, triangle, ring, cross) at a random place, size
+    and angle, and a tilted depth plane of its own; where objects overlap, the nearer one is drawn.
+    Three objects in four take a colour near their class's hue and the rest any colour, so colour is a strong cue to the class but not a sufficient one; the background is about
+    grey. The image is albedo with stripes that get finer with depth, times Lambert shading by three
+    lights, red, green and blue from three sides (so the tint of a surface tells its normal, as in
+    photometric stereo), faded toward a haze colour with depth (so brightness tells depth), plus
+    Gaussian noise (sd 0.02).
+    The targets follow from the depth map: ``normals = normals_from_depth(depth, pixel_size=2 / size)``
+    (the image spans [-1, 1]) and ``boundaries = boundaries_from_segmentation(segmentation)``.
+    The same seed gives the same tensors. Introduced in Chapter 7.
+    """
+    check_count("n", n, 2000)
+    check_count("size", size, 32)
+    check_count("num_classes", num_classes, 4)
+    check_count("max_objects", max_objects, 4)
+    if size < 8:
+        raise ValueError(f"size={size} is too small; use at least 8 pixels per side, e.g. size=32.")
+    if num_classes < 2:
+        raise ValueError(f"num_classes={num_classes} leaves no object class; use at least 2, e.g. num_classes=4.")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise TypeError(f"seed={seed!r} must be a non-negative integer, e.g. seed=0.")
+    rng = np.random.default_rng(seed)
+    par = _scene_parameters(rng, n, num_classes, max_objects)
+    chunks = [_render({k: v[i : i + _CHUNK] for k, v in par.items()}, size, rng) for i in range(0, n, _CHUNK)]
+    images, segmentation, depth, normals, boundaries = (np.concatenate(parts) for parts in zip(*chunks))
+    return DenseScenes(*map(torch.from_numpy, (images, segmentation, depth, normals, boundaries)),
+                       num_classes=num_classes)
+
+
+def dense_scene_split(n_train: int = 2000, n_test: int = 500, size: int = 32, seed: int = 0,
+                      num_classes: int = 4, max_objects: int = 4) -> tuple[DenseScenes, DenseScenes]:
+    """Train and test :class:`DenseScenes` from :func:`make_dense_scenes` with the seeds ``2·seed``
+    and ``2·seed + 1``, so no two splits of any seeds share a generator. Introduced in Chapter 7.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise TypeError(f"seed={seed!r} must be a non-negative integer, e.g. seed=0.")
+    return (make_dense_scenes(n_train, size, 2 * seed, num_classes, max_objects),
+            make_dense_scenes(n_test, size, 2 * seed + 1, num_classes, max_objects))
+
+
+# ----------------------------------------------------------------------------- NYUD-v2 (Chapter 7)
+# NYUD-v2 in the multi-task layout of MTI-Net (Vandenhende et al. 2020), which ATRC and InvPT reuse:
+# one archive NYUD_MT.tgz (about 4 GB) on Google Drive. Its sha256 is not recorded yet, and fetch
+# verifies every file, so download=True refuses until someone downloads it once, checks it, and adds
+# REGISTRY["nyud"] = [RemoteFile(NYUD_ARCHIVE_URL, "NYUD_MT.tgz", "<its sha256>")].
+NYUD_PAGE = "https://drive.google.com/file/d/14EAEMXmd3zs2hIMY63UhHPSFPDAkiTzw/view"
+NYUD_ARCHIVE_URL = ("https://drive.usercontent.google.com/download"
+                    "?id=14EAEMXmd3zs2hIMY63UhHPSFPDAkiTzw&export=download&confirm=t")
+_NYUD_SPLITS = ("train", "val")
+
+
+def _nyud_folder(root: Path) -> Path:
+    """``root/NYUD_MT`` if it is there, else ``root`` itself if it holds ``gt_sets/``."""
+    if not (root / "NYUD_MT").is_dir() and (root / "gt_sets").is_dir():
+        return root
+    return root / "NYUD_MT"
+
+
+def _download_nyud(root: Path) -> None:
+    """Fetch ``NYUD_MT.tgz`` through :func:`fetch` (sha256-checked) and unpack it to ``root/NYUD_MT``."""
+    if "nyud" not in REGISTRY:
+        raise NotImplementedError(
+            "download=True cannot fetch NYUD-v2 yet, because effnb.data records no sha256 for its archive "
+            f"and downloads nothing it cannot verify; download NYUD_MT.tgz from {NYUD_PAGE} yourself and "
+            f"extract it into {root}."
+        )
+    if (root / "NYUD_MT").exists():
+        raise FileExistsError(f"{root / 'NYUD_MT'} exists but is incomplete; move it away and download again.")
+    (archive,) = fetch("nyud", root, download=True)
+    # unpack beside the target, then rename: an interrupted unpack leaves no half NYUD_MT behind
+    with tempfile.TemporaryDirectory(dir=root, prefix=".NYUD_MT.") as tmp, tarfile.open(archive) as tar:
+        tar.extractall(tmp, filter="data")
+        if not (Path(tmp) / "NYUD_MT" / "gt_sets").is_dir():
+            raise ValueError(f"{archive} holds no NYUD_MT/gt_sets folder; is it MTI-Net's NYUD_MT.tgz?")
+        os.replace(Path(tmp) / "NYUD_MT", root / "NYUD_MT")
+
+
+def _nyud_paths(folder: Path, split: str) -> list[dict[str, Path]]:
+    """For each id in ``gt_sets/<split>.txt``, the path of each of its five files; raises if one is missing."""
+    listing = folder / "gt_sets" / f"{split}.txt"
+    rows = []
+    for image_id in listing.read_text().split():
+        row = {"image": folder / "images" / f"{image_id}.jpg",
+               "segmentation": folder / "segmentation" / f"{image_id}.png",
+               "depth": folder / "depth" / f"{image_id}.npy"}
+        for task in ("normals", "edge"):  # .npy in MTI-Net's release; .png also works
+            npy = folder / task / f"{image_id}.npy"
+            row[task] = npy if npy.exists() else npy.with_suffix(".png")
+        missing = [path for path in row.values() if not path.exists()]
+        if missing:
+            raise FileNotFoundError(f"{missing[0]} is missing, but {listing} lists the id {image_id!r}; "
+                                    "restore the file or remove the id from the list.")
+        rows.append(row)
+    return rows
+
+
+def _read_nyud_sample(row: dict[str, Path]) -> list[torch.Tensor]:
+    """One NYUD sample at its stored size, each ``(1, C, H, W)``: image, segmentation (as float),
+    depth, normals, edge."""
+    from PIL import Image
+
+    def read(task: str, mode: str | None = None) -> np.ndarray:
+        if row[task].suffix == ".npy":
+            return np.load(row[task]).astype(np.float32)  # np.load refuses pickled objects
+        with Image.open(row[task]) as picture:
+            return np.asarray(picture.convert(mode) if mode else picture).astype(np.float32)
+
+    image = read("image", "RGB") / 255  # (H, W, 3)
+    labels = read("segmentation")  # (H, W): 0 unlabelled, 1..40 the classes
+    normals = read("normals", "RGB")  # (H, W, 3)
+    if row["normals"].suffix == ".png":
+        normals = 2 * normals / 255 - 1  # the RGB encoding n = 2·rgb/255 − 1
+    edge = read("edge", "L")
+    edge = edge / 255 if row["edge"].suffix == ".png" else edge
+    maps = [image, labels, read("depth"), normals, edge]
+    if any(m.shape[:2] != image.shape[:2] for m in maps):
+        raise ValueError(f"the files of {row['image'].stem} differ in size ({[m.shape[:2] for m in maps]}); "
+                         "each id's image and maps must have one height and width.")
+    return [torch.from_numpy(m.reshape(*m.shape[:2], -1)).permute(2, 0, 1)[None] for m in maps]
+
+
+def _resize_sample(maps: list[torch.Tensor], size: tuple[int, int] | None) -> list[torch.Tensor]:
+    """Resize one sample's maps: bilinear for image, depth and normals, nearest for segmentation and edge."""
+    image, labels, depth, normals, edge = maps
+    if size is not None and tuple(image.shape[-2:]) != size:
+        image = F.interpolate(image, size, mode="bilinear", align_corners=False).clamp(0, 1)
+        depth = F.interpolate(depth, size, mode="bilinear", align_corners=False)
+        normals = F.interpolate(normals, size, mode="bilinear", align_corners=False)
+        labels, edge = (F.interpolate(m, size, mode="nearest-exact") for m in (labels, edge))
+    normals = normals / normals.norm(dim=1, keepdim=True).clamp(min=1e-6)  # unit length; zeros stay zero
+    return [image, labels, depth, normals, edge]
+
+
+def load_nyud(root: str | Path, split: str = "train", size: int | tuple[int, int] | None = None,
+              download: bool = False) -> DenseScenes:
+    """NYUD-v2 (795 train, 654 val images of 425 × 560) as :class:`DenseScenes`, from the multi-task
+    layout of MTI-Net, ATRC and InvPT under ``root/NYUD_MT`` (or ``root`` itself).
+
+    Files per id listed in ``gt_sets/<split>.txt``: ``images/ID.jpg``; ``segmentation/ID.png``
+    (0 unlabelled, 1..40 the classes); ``depth/ID.npy`` (metres); ``normals/ID.npy`` (``(H, W, 3)``
+    vectors) or ``normals/ID.png`` (n = 2·rgb/255 − 1); ``edge/ID.npy`` (0/1) or ``edge/ID.png``
+    (0/255). Classes 1..40 become 0..39 and unlabelled pixels ``ignore_index = 255``, as in ATRC
+    and MTI-Net, so ``F.cross_entropy(..., ignore_index=255)`` skips them; normals are rescaled to
+    unit length and edges thresholded at 0.5. ``size`` (an int for a square, or ``(H, W)``) resizes
+    each image as it is read: bilinear for the image, depth and normals, nearest for segmentation
+    and edges (thin edges can vanish when shrinking a lot); at full size the train split takes about
+    8 GB of memory. ``download=True`` fetches only what is missing, and only once the archive's
+    sha256 is recorded in :data:`REGISTRY` (until then it raises ``NotImplementedError``).
+    Introduced in Chapter 7.
+    """
+    check_choice("split", split, _NYUD_SPLITS)
+    shape = (size, size) if isinstance(size, int) else size
+    if shape is not None and not (isinstance(shape, tuple) and len(shape) == 2
+                                  and all(isinstance(s, int) and s >= 1 for s in shape)):
+        raise ValueError(f"size={size!r} must be a positive int, a pair (height, width) of them, or None.")
+    root = Path(root)
+    folder = _nyud_folder(root)
+    listing = folder / "gt_sets" / f"{split}.txt"
+    if not listing.exists() and download:
+        _download_nyud(root)
+        folder = root / "NYUD_MT"
+    elif not listing.exists():
+        how = " or pass download=True (needs internet)" if "nyud" in REGISTRY else ""
+        raise FileNotFoundError(
+            f"{listing} is missing; extract NYUD_MT.tgz (MTI-Net's NYUD-v2, {NYUD_PAGE}) into {root} "
+            f"so that it holds NYUD_MT/images, segmentation, depth, normals, edge and gt_sets{how}."
+        )
+    samples = [_resize_sample(_read_nyud_sample(row), shape) for row in _nyud_paths(folder, split)]
+    if not samples:
+        raise ValueError(f"{listing} lists no ids; it should hold one image id per line.")
+    if len({tuple(s[0].shape) for s in samples}) > 1:
+        raise ValueError("the NYUD images differ in size; pass size=(H, W) to resize them to one size.")
+    image, labels, depth, normals, edge = (torch.cat(parts) for parts in zip(*samples))
+    labels = labels[:, 0].long()
+    segmentation = torch.where(labels == 0, 255, labels - 1)  # (N, H, W)
+    boundaries = (edge >= 0.5).float()
+    return DenseScenes(image, segmentation, depth, normals, boundaries, num_classes=40, ignore_index=255)

@@ -231,3 +231,251 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     with data.atomic_path(target) as tmp:
         tmp.write_text("new")
     assert target.read_text() == "new" and target.stat().st_mode & 0o777 == mode, "permissions are kept"
+
+
+# ------------------------------------------------------------------ Chapter 7: generated dense scenes
+@pytest.fixture(scope="module")
+def scenes():
+    return data.make_dense_scenes(500, size=32, seed=0)
+
+
+def test_dense_scenes_shapes_dtypes_and_ranges(scenes):
+    assert len(scenes) == 500 and scenes.num_classes == 4
+    assert scenes.images.shape == (500, 3, 32, 32) and scenes.images.dtype == torch.float32
+    assert scenes.segmentation.shape == (500, 32, 32) and scenes.segmentation.dtype == torch.int64
+    assert scenes.depth.shape == (500, 1, 32, 32) and scenes.depth.dtype == torch.float32
+    assert scenes.normals.shape == (500, 3, 32, 32) and scenes.normals.dtype == torch.float32
+    assert scenes.boundaries.shape == (500, 1, 32, 32) and scenes.boundaries.dtype == torch.float32
+    assert 0 <= scenes.images.min() and scenes.images.max() <= 1
+    assert 0 <= scenes.segmentation.min() and scenes.segmentation.max() < 4
+    assert torch.isfinite(scenes.depth).all() and scenes.depth.min() > 0
+    assert set(scenes.boundaries.unique().tolist()) == {0.0, 1.0}
+
+
+def test_dense_scenes_are_deterministic_per_seed():
+    a, b = data.make_dense_scenes(20, size=16, seed=3), data.make_dense_scenes(20, size=16, seed=3)
+    for name in ("images", "segmentation", "depth", "normals", "boundaries"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    c = data.make_dense_scenes(20, size=16, seed=4)
+    assert not torch.equal(a.images, c.images) and not torch.equal(a.segmentation, c.segmentation)
+
+
+def test_every_class_appears_and_objects_take_a_fair_share(scenes):
+    pixels = torch.bincount(scenes.segmentation.flatten(), minlength=4) / scenes.segmentation.numel()
+    assert (pixels > 0.03).all(), pixels
+    scenes_with = [(scenes.segmentation == c).flatten(1).any(1).sum().item() for c in range(4)]
+    assert scenes_with[0] == 500 and min(scenes_with[1:]) > 100, scenes_with
+    more = data.make_dense_scenes(200, size=16, seed=1, num_classes=7, max_objects=6)
+    assert more.segmentation.unique().tolist() == list(range(7))
+
+
+def test_scene_normals_are_unit_and_follow_from_the_depth(scenes):
+    assert torch.allclose(scenes.normals.norm(dim=1), torch.ones(500, 32, 32), atol=1e-5)
+    assert torch.allclose(scenes.normals, data.normals_from_depth(scenes.depth, pixel_size=2 / 32), atol=1e-5)
+    assert (scenes.normals[:, 2] > 0).all()
+
+
+def test_scene_boundaries_follow_from_the_segmentation(scenes):
+    assert torch.equal(scenes.boundaries, data.boundaries_from_segmentation(scenes.segmentation))
+
+
+def test_objects_lie_in_front_of_the_background_plane(scenes):
+    # The background's depth is a plane: fit it to the background pixels of each scene and
+    # extrapolate it under the objects; every object pixel must be nearer than that plane.
+    coords = (torch.arange(32, dtype=torch.float64) + 0.5) / 16 - 1
+    y, x = torch.meshgrid(coords, coords, indexing="ij")
+    design = torch.stack([x.flatten(), y.flatten(), torch.ones(32 * 32, dtype=torch.float64)], 1)
+    checked = 0
+    for i in range(0, 500, 5):
+        depth, background = scenes.depth[i, 0].flatten().double(), scenes.segmentation[i].flatten() == 0
+        if background.sum() < 20 or background.all():
+            continue
+        plane = torch.linalg.lstsq(design[background], depth[background, None]).solution
+        behind = (design @ plane)[:, 0]
+        assert torch.allclose(behind[background], depth[background], atol=1e-4), "the background is not a plane"
+        assert (depth[~background] < behind[~background] - 0.3).all()
+        checked += 1
+    assert checked > 80
+
+
+def test_colour_is_a_strong_but_imperfect_cue_to_the_class(scenes):
+    # Nearest class-mean hue (rgb / brightness) on object pixels: far above chance (1/3), far from perfect.
+    mask = scenes.segmentation > 0
+    rgb = scenes.images.permute(0, 2, 3, 1)[mask]
+    chroma = rgb / rgb.sum(1, keepdim=True)
+    labels = scenes.segmentation[mask]
+    means = torch.stack([chroma[labels == c].mean(0) for c in (1, 2, 3)])
+    predicted = torch.cdist(chroma, means).argmin(1) + 1
+    accuracy = (predicted == labels).float().mean().item()
+    assert 0.5 < accuracy < 0.9, accuracy  # about 0.67 at seed 0
+
+
+def test_normals_of_a_plane_equal_the_analytic_normal():
+    a, b, c = 0.3, -1.2, 5.0
+    coords = torch.arange(6, dtype=torch.float32) * 0.5  # pixel_size 0.5
+    y, x = torch.meshgrid(coords, torch.arange(8, dtype=torch.float32) * 0.5, indexing="ij")
+    depth = (a * x + b * y + c)[None, None]  # (1, 1, 6, 8)
+    normals = data.normals_from_depth(depth, pixel_size=0.5)
+    expected = torch.tensor([-a, -b, 1.0]) / (a * a + b * b + 1) ** 0.5
+    assert normals.shape == (1, 3, 6, 8)
+    assert torch.allclose(normals, expected[None, :, None, None].expand(1, 3, 6, 8), atol=1e-6)
+    flat = data.normals_from_depth(torch.full((2, 1, 3, 3), 4.0))
+    assert torch.equal(flat, torch.tensor([0.0, 0.0, 1.0])[None, :, None, None].expand(2, 3, 3, 3))
+
+
+def test_boundaries_mark_both_sides_of_each_label_change():
+    segmentation = torch.tensor([[[0, 0, 1, 1],
+                                  [0, 0, 1, 1],
+                                  [2, 2, 2, 2],
+                                  [2, 2, 2, 2]]])
+    expected = torch.tensor([[[0, 1, 1, 0],
+                              [1, 1, 1, 1],
+                              [1, 1, 1, 1],
+                              [0, 0, 0, 0]]], dtype=torch.float32)
+    assert torch.equal(data.boundaries_from_segmentation(segmentation), expected[:, None])
+    assert data.boundaries_from_segmentation(torch.zeros(1, 3, 3, dtype=torch.int64)).sum() == 0
+
+
+def test_subset_and_split(scenes):
+    part = scenes.subset(slice(10, 15))
+    assert len(part) == 5 and torch.equal(part.depth, scenes.depth[10:15]) and part.num_classes == 4
+    one = scenes.subset(7)
+    assert len(one) == 1 and torch.equal(one.segmentation[0], scenes.segmentation[7])
+    picked = scenes.subset(torch.tensor([3, 1]))
+    assert torch.equal(picked.normals, scenes.normals[[3, 1]])
+    train, test = data.dense_scene_split(n_train=12, n_test=5, size=16, seed=2)
+    assert (len(train), len(test)) == (12, 5)
+    assert torch.equal(train.images, data.make_dense_scenes(12, size=16, seed=4).images)
+    assert torch.equal(test.images, data.make_dense_scenes(5, size=16, seed=5).images)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"n": 0}, ValueError, r"n=0 must be a whole number >= 1, e\.g\. n=2000\."),
+    ({"n": 2.5}, TypeError, r"n=2\.5 must be a whole number >= 1"),
+    ({"n": 4, "size": 4}, ValueError, r"size=4 is too small; use at least 8 pixels per side"),
+    ({"n": 4, "num_classes": 1}, ValueError, r"num_classes=1 leaves no object class; use at least 2"),
+    ({"n": 4, "max_objects": 0}, ValueError, r"max_objects=0 must be a whole number >= 1"),
+    ({"n": 4, "seed": -1}, TypeError, r"seed=-1 must be a non-negative integer"),
+])
+def test_bad_scene_settings_are_refused(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        data.make_dense_scenes(**kwargs)
+
+
+def test_dense_scenes_check_their_shapes_and_helpers_their_inputs():
+    scenes = data.make_dense_scenes(2, size=8)
+    with pytest.raises(ValueError, match=r"depth has shape \(2, 8, 8\); images of shape \(2, 3, 8, 8\) need"):
+        data.DenseScenes(scenes.images, scenes.segmentation, scenes.depth[:, 0], scenes.normals,
+                         scenes.boundaries, num_classes=4)
+    with pytest.raises(ValueError, match=r"depth must have shape \(N, 1, H, W\)"):
+        data.normals_from_depth(torch.zeros(8, 8))
+    with pytest.raises(ValueError, match=r"segmentation must have shape \(N, H, W\)"):
+        data.boundaries_from_segmentation(torch.zeros(1, 1, 8, 8))
+
+
+# ------------------------------------------------------------------ Chapter 7: NYUD-v2, fabricated offline
+def _fake_nyud(root, height=12, width=16):
+    """A tiny NYUD_MT folder in MTI-Net's layout (train 0001, 0002; val 0003); returns the arrays written, by id."""
+    from PIL import Image
+
+    ids_by_split = {"train": ["0001", "0002"], "val": ["0003"]}
+    folder = root / "NYUD_MT"
+    for sub in ("images", "segmentation", "depth", "normals", "edge", "gt_sets"):
+        (folder / sub).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    written = {}
+    for number, image_id in enumerate(sum(ids_by_split.values(), [])):
+        ramp = np.linspace(40, 220, width)[None, :, None] * np.ones((height, 1, 3))
+        image = ramp.astype(np.uint8)  # smooth, so JPEG keeps it close
+        labels = rng.integers(0, 41, (height, width)).astype(np.uint8)  # 0 = unlabelled
+        depth = rng.uniform(0.5, 10, (height, width)).astype(np.float32)
+        normals = rng.normal(size=(height, width, 3)).astype(np.float32)
+        normals /= np.linalg.norm(normals, axis=2, keepdims=True)
+        edge = (rng.random((height, width)) < 0.2).astype(np.float32)
+        Image.fromarray(image).save(folder / "images" / f"{image_id}.jpg", quality=100)
+        Image.fromarray(labels).save(folder / "segmentation" / f"{image_id}.png")
+        np.save(folder / "depth" / f"{image_id}.npy", depth)
+        if number % 2 == 0:  # MTI-Net's .npy files
+            np.save(folder / "normals" / f"{image_id}.npy", normals)
+            np.save(folder / "edge" / f"{image_id}.npy", edge)
+        else:  # the PNG encodings
+            rgb = np.round((normals + 1) / 2 * 255).astype(np.uint8)
+            Image.fromarray(rgb).save(folder / "normals" / f"{image_id}.png")
+            normals = 2 * rgb.astype(np.float32) / 255 - 1
+            normals /= np.linalg.norm(normals, axis=2, keepdims=True)
+            Image.fromarray((edge * 255).astype(np.uint8)).save(folder / "edge" / f"{image_id}.png")
+        written[image_id] = {"image": image, "labels": labels, "depth": depth, "normals": normals, "edge": edge}
+    for split, ids in ids_by_split.items():
+        (folder / "gt_sets" / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
+    return written
+
+
+def test_load_nyud_reads_every_task(tmp_path):
+    written = _fake_nyud(tmp_path)
+    train = data.load_nyud(tmp_path)
+    assert len(train) == 2 and train.num_classes == 40 and train.ignore_index == 255
+    assert train.images.shape == (2, 3, 12, 16) and train.segmentation.dtype == torch.int64
+    for row, image_id in enumerate(["0001", "0002"]):
+        w = written[image_id]
+        labels = torch.from_numpy(w["labels"].astype(np.int64))
+        assert torch.equal(train.segmentation[row], torch.where(labels == 0, 255, labels - 1))
+        assert torch.equal(train.depth[row, 0], torch.from_numpy(w["depth"]))
+        assert torch.allclose(train.normals[row], torch.from_numpy(w["normals"]).permute(2, 0, 1), atol=1e-6)
+        assert torch.equal(train.boundaries[row, 0], torch.from_numpy(w["edge"]))
+        image = torch.from_numpy(w["image"].astype(np.float32) / 255).permute(2, 0, 1)
+        assert (train.images[row] - image).abs().mean() < 0.02  # JPEG is lossy
+    assert 255 in train.segmentation.unique() and train.segmentation[train.segmentation != 255].max() <= 39
+    assert len(data.load_nyud(tmp_path / "NYUD_MT", split="val")) == 1  # root may be the folder itself
+
+
+def test_load_nyud_resizes_labels_nearest_and_renormalises_normals(tmp_path):
+    _fake_nyud(tmp_path)
+    small = data.load_nyud(tmp_path, size=(6, 8))
+    assert small.images.shape == (2, 3, 6, 8) and small.segmentation.shape == (2, 6, 8)
+    original = set(data.load_nyud(tmp_path).segmentation.unique().tolist())
+    assert set(small.segmentation.unique().tolist()) <= original  # nearest: no blended labels
+    assert set(small.boundaries.unique().tolist()) <= {0.0, 1.0}
+    length = small.normals.norm(dim=1)
+    assert torch.allclose(length[length > 0], torch.ones(()), atol=1e-5)
+    assert data.load_nyud(tmp_path, split="val", size=5).images.shape == (1, 3, 5, 5)
+
+
+def test_load_nyud_says_where_the_data_goes(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"gt_sets/train\.txt is missing; extract NYUD_MT\.tgz"):
+        data.load_nyud(tmp_path)
+    with pytest.raises(NotImplementedError, match="records no sha256 for its archive"):
+        data.load_nyud(tmp_path, download=True)
+    assert list(tmp_path.iterdir()) == [], "nothing is written when nothing can be verified"
+
+
+def test_load_nyud_names_a_listed_id_without_files(tmp_path):
+    _fake_nyud(tmp_path)
+    (tmp_path / "NYUD_MT" / "gt_sets" / "val.txt").write_text("0003\n0009\n")
+    with pytest.raises(FileNotFoundError, match=r"0009\.jpg is missing, but .*val\.txt lists the id '0009'"):
+        data.load_nyud(tmp_path, split="val")
+
+
+def test_load_nyud_refuses_bad_arguments(tmp_path):
+    _fake_nyud(tmp_path)
+    with pytest.raises(ValueError, match=r"split='test' is not valid; use one of 'train', 'val'\."):
+        data.load_nyud(tmp_path, split="test")
+    with pytest.raises(ValueError, match=r"size=0 must be a positive int"):
+        data.load_nyud(tmp_path, size=0)
+
+
+def test_load_nyud_downloads_verifies_and_unpacks_once_a_sha256_is_recorded(tmp_path, monkeypatch):
+    source = tmp_path / "source"
+    _fake_nyud(source)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        tar.add(source / "NYUD_MT", arcname="NYUD_MT")
+    payload = buffer.getvalue()
+    remote = data.RemoteFile(data.NYUD_ARCHIVE_URL, "NYUD_MT.tgz", __import__("hashlib").sha256(payload).hexdigest())
+    monkeypatch.setitem(data.REGISTRY, "nyud", [remote])
+    monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(payload))
+    target = tmp_path / "target"
+    with pytest.raises(FileNotFoundError, match=r"or pass download=True \(needs internet\)"):
+        data.load_nyud(target)
+    scenes = data.load_nyud(target, split="val", download=True)
+    assert len(scenes) == 1 and (target / "NYUD_MT" / "gt_sets" / "train.txt").exists()
+    assert sorted(p.name for p in target.iterdir()) == ["NYUD_MT", "NYUD_MT.tgz"], "no temporary folder stays"

@@ -15,13 +15,7 @@ from torch import nn
 from effnb import quant as Q
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The tensors here are tiny; on two shared cores a second thread only waits for the other one.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny tensors: one thread (conftest.py)
 
 
 BITS = [2, 4, 8, 16]
