@@ -161,7 +161,7 @@ class RPReLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         u = x - _per_channel(self.gamma, x, self.dim, "RPReLU")
-        u = torch.where(u > 0, u, _per_channel(self.slope, x, self.dim, "RPReLU") * u)
+        u = F.prelu(u.movedim(self.dim, 1), self.slope).movedim(1, self.dim)   # PReLU wants channels at dim 1
         return u + _per_channel(self.zeta, x, self.dim, "RPReLU")
 
 

@@ -348,6 +348,9 @@ def load_cifar10(root: str | Path, download: bool = False, size: int | None = No
 
 
 # ----------------------------------------------------------------------------- dense scenes (Chapter 7)
+_DENSE_TENSORS = ("images", "segmentation", "depth", "normals", "boundaries")
+
+
 @dataclass(frozen=True)
 class DenseScenes:
     """Images and four dense targets for multi-task prediction, one row per scene.
@@ -381,13 +384,16 @@ class DenseScenes:
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    def to(self, device: torch.device | str) -> DenseScenes:
+        """The same scenes with every tensor on ``device``."""
+        return replace(self, **{name: getattr(self, name).to(device) for name in _DENSE_TENSORS})
+
     def subset(self, index: int | slice | list[int] | torch.Tensor) -> DenseScenes:
         """The scenes at ``index`` (an int, a slice, a list of ints, an int or bool tensor) as new
         :class:`DenseScenes`; an int keeps the leading ``N`` axis (``N = 1``)."""
         if isinstance(index, int):
             index = [index]
-        return replace(self, images=self.images[index], segmentation=self.segmentation[index],
-                       depth=self.depth[index], normals=self.normals[index], boundaries=self.boundaries[index])
+        return replace(self, **{name: getattr(self, name)[index] for name in _DENSE_TENSORS})
 
 
 def normals_from_depth(depth: torch.Tensor, pixel_size: float = 1.0) -> torch.Tensor:

@@ -1,6 +1,7 @@
-"""One training loop for the whole book, per-class accuracy, and safetensors checkpoints.
+"""One training loop for the whole book, per-class accuracy, dense-prediction metrics, and
+safetensors checkpoints.
 
-Introduced in Chapter 0.
+Introduced in Chapter 0; the dense-prediction metrics in Chapter 7.
 """
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from torch import nn
 from tqdm import tqdm
 
 from effnb.config import check_count, progress_enabled
-from effnb.data import atomic_path, check_sha256
+from effnb.data import DenseScenes, atomic_path, check_sha256
 
-__all__ = ["Accuracy", "History", "evaluate", "fit", "load_checkpoint", "read_checkpoint_metadata", "save_checkpoint"]
+__all__ = ["Accuracy", "DENSE_METRICS", "DenseMetrics", "History", "delta_m", "dense_metrics", "evaluate", "fit",
+           "load_checkpoint", "read_checkpoint_metadata", "save_checkpoint"]
 
 
 @dataclass
@@ -165,3 +167,98 @@ def load_checkpoint(model: nn.Module, path: str | Path, sha256: str | None = Non
         check_sha256(path, sha256, "save it again, or pass the sha256 of the file you meant")
     model.load_state_dict(load_file(str(path), device=str(_device_of(model))))
     return metadata
+
+
+# ----------------------------------------------------------------------------- dense prediction (Chapter 7)
+# Each metric of a multi-task dense predictor, and whether a larger value is better.
+DENSE_METRICS: dict[str, bool] = {"miou": True, "depth_rmse": False, "normal_angle": False, "boundary_f": True}
+
+
+@dataclass(frozen=True)
+class DenseMetrics:
+    """One model's four dense-prediction metrics on a test set (:func:`dense_metrics`).
+
+    ``miou`` in [0, 1] (higher is better), ``depth_rmse`` in depth units (lower), ``normal_angle``
+    the mean angle error in degrees (lower), ``boundary_f`` in [0, 1] (higher). Introduced in Chapter 7.
+    """
+
+    miou: float
+    depth_rmse: float
+    normal_angle: float
+    boundary_f: float
+
+    def as_dict(self) -> dict[str, float]:
+        """The metrics by name, in the order of :data:`DENSE_METRICS`."""
+        return {name: getattr(self, name) for name in DENSE_METRICS}
+
+    def __str__(self) -> str:
+        return (f"mIoU {self.miou:.3f}, depth RMSE {self.depth_rmse:.3f}, normal angle {self.normal_angle:.1f} deg, "
+                f"boundary F {self.boundary_f:.3f}")
+
+
+def _check_maps(name: str, pred: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(pred.shape) != shape:
+        raise ValueError(f"{name} has shape {tuple(pred.shape)}; the targets need {shape}.")
+
+
+@torch.no_grad()
+def dense_metrics(segmentation: torch.Tensor, depth: torch.Tensor, normals: torch.Tensor, boundaries: torch.Tensor,
+                  target: DenseScenes) -> DenseMetrics:
+    r"""Score dense predictions against ``target`` (:class:`effnb.data.DenseScenes`), pooled over all its pixels.
+
+    Inputs are the raw network outputs: ``segmentation`` class scores ``(N, K, H, W)``, ``depth``
+    ``(N, 1, H, W)``, ``normals`` ``(N, 3, H, W)`` (any length; normalised here) and ``boundaries``
+    logits ``(N, 1, H, W)``.
+
+    - mIoU: :math:`\frac{1}{K'}\sum_c \frac{|P_c \cap T_c|}{|P_c \cup T_c|}` over the K' classes that
+      occur in the prediction or the target; pixels labelled ``ignore_index`` are left out.
+    - depth RMSE :math:`\sqrt{\mathrm{mean}(\hat d - d)^2}` over pixels with depth > 0 (0 = missing).
+    - normals: mean of :math:`\arccos(\hat n \cdot n)` in degrees over pixels with a known normal.
+    - boundary F: :math:`2PR/(P + R)` of the pixels with logit > 0 against the boundary pixels, exact
+      pixel match (the papers' ODS F allows a small distance tolerance; ours is stricter).
+
+    Returns :class:`DenseMetrics`. Introduced in Chapter 7.
+    """
+    n, _, h, w = target.images.shape
+    if segmentation.dim() != 4 or segmentation.shape[0] != n or segmentation.shape[2:] != (h, w):
+        raise ValueError(f"segmentation has shape {tuple(segmentation.shape)}; the targets need (N, K, H, W) "
+                         f"with N, H, W = {n}, {h}, {w}.")
+    _check_maps("depth", depth, (n, 1, h, w))
+    _check_maps("normals", normals, (n, 3, h, w))
+    _check_maps("boundaries", boundaries, (n, 1, h, w))
+    segmentation, depth, normals, boundaries = (t.detach().float().cpu() for t in (segmentation, depth, normals,
+                                                                                  boundaries))
+    labelled = target.segmentation != target.ignore_index
+    pred, true = segmentation.argmax(1)[labelled], target.segmentation[labelled]
+    k = max(segmentation.shape[1], target.num_classes)
+    inter = torch.bincount(true[pred == true], minlength=k).float()
+    union = torch.bincount(pred, minlength=k).float() + torch.bincount(true, minlength=k).float() - inter
+    miou = float((inter[union > 0] / union[union > 0]).mean())
+    valid = target.depth > 0
+    rmse = float(((depth - target.depth)[valid] ** 2).mean().sqrt())
+    known = target.normals.norm(dim=1) > 0.5
+    cos = (torch.nn.functional.normalize(normals, dim=1) * target.normals).sum(1).clamp(-1, 1)
+    angle = float(torch.rad2deg(torch.acos(cos[known])).mean())
+    hit, edge = boundaries > 0, target.boundaries > 0.5
+    both = float((hit & edge).sum())
+    precision, recall = both / max(float(hit.sum()), 1.0), both / max(float(edge.sum()), 1.0)
+    f = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    return DenseMetrics(miou, rmse, angle, f)
+
+
+def delta_m(metrics: DenseMetrics, reference: DenseMetrics) -> float:
+    r"""The multi-task performance change of ``metrics`` against ``reference``, in percent
+    (Maninis et al. 2019; Vandenhende et al. 2021):
+
+    .. math:: \Delta_m = \frac{100}{T} \sum_t (-1)^{l_t} \frac{M_t - M_{b,t}}{M_{b,t}}
+
+    with :math:`l_t = 1` when a lower :math:`M_t` is better (depth RMSE, normal angle), so a positive
+    :math:`\Delta_m` means better on average. Introduced in Chapter 7.
+    """
+    change = []
+    for name, higher_better in DENSE_METRICS.items():
+        m, b = getattr(metrics, name), getattr(reference, name)
+        if b == 0:
+            raise ValueError(f"the reference's {name} is 0, so a relative change is undefined; pick another reference.")
+        change.append((m - b) / b if higher_better else -(m - b) / b)
+    return 100 * sum(change) / len(change)

@@ -343,6 +343,9 @@ def test_subset_and_split(scenes):
     assert len(one) == 1 and torch.equal(one.segmentation[0], scenes.segmentation[7])
     picked = scenes.subset(torch.tensor([3, 1]))
     assert torch.equal(picked.normals, scenes.normals[[3, 1]])
+    moved = part.to("meta")
+    assert all(getattr(moved, n).device.type == "meta" for n in ("images", "segmentation", "depth", "normals",
+                                                                   "boundaries")) and moved.num_classes == 4
     train, test = data.dense_scene_split(n_train=12, n_test=5, size=16, seed=2)
     assert (len(train), len(test)) == (12, 5)
     assert torch.equal(train.images, data.make_dense_scenes(12, size=16, seed=4).images)

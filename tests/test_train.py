@@ -133,3 +133,66 @@ def test_fit_refuses_labels_the_model_has_no_output_for(digits):
     with pytest.raises(ValueError, match=r"y holds the label 9 but the model gives 5 class scores; "
                                          r"build it with num_classes=10 or more\."):
         train.fit(SmallCNN(width=4, num_classes=5), digits.x_train, digits.y_train, epochs=1)
+
+
+# ----------------------------------------------------------------------------- dense-prediction metrics
+def _one_hot_scores(labels, k):
+    return torch.nn.functional.one_hot(labels, k).permute(0, 3, 1, 2).float()
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    from effnb.data import make_dense_scenes
+
+    return make_dense_scenes(6, size=16, seed=3)
+
+
+def test_dense_metrics_of_a_perfect_prediction(scenes):
+    m = train.dense_metrics(_one_hot_scores(scenes.segmentation, 4), scenes.depth, 3 * scenes.normals,
+                            scenes.boundaries * 20 - 10, scenes)
+    assert m.miou == pytest.approx(1.0) and m.depth_rmse == pytest.approx(0.0, abs=1e-6)
+    assert m.normal_angle < 0.1 and m.boundary_f == pytest.approx(1.0)  # acos near 1 rounds to ~0.02 degrees
+
+
+def test_dense_metrics_match_hand_counts():
+    from effnb.data import DenseScenes
+
+    seg = torch.tensor([[[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 2, 255]]])            # (1, 3, 4), one unlabelled pixel
+    pred = torch.tensor([[[0, 1, 1, 1], [0, 0, 1, 1], [2, 2, 0, 1]]])
+    depth = torch.full((1, 1, 3, 4), 2.0)
+    depth[0, 0, 0, 0] = 0.0                                                         # missing depth: left out
+    normals = torch.zeros(1, 3, 3, 4)
+    normals[:, 2] = 1.0
+    edges = torch.zeros(1, 1, 3, 4)
+    edges[0, 0, 0, :2] = 1.0
+    target = DenseScenes(torch.zeros(1, 3, 3, 4), seg, depth, normals, edges, num_classes=3)
+    pred_depth = depth + 1.0                                                         # off by 1 everywhere
+    pred_normals = torch.zeros(1, 3, 3, 4)
+    pred_normals[:, 0] = 1.0                                                         # 90 degrees off
+    pred_edges = torch.full((1, 1, 3, 4), -1.0)
+    pred_edges[0, 0, 0, 0] = pred_edges[0, 0, 2, 3] = 1.0                           # 1 hit, 1 false alarm, 1 miss
+    m = train.dense_metrics(_one_hot_scores(pred, 3), pred_depth, pred_normals, pred_edges, target)
+    # IoU: class 0 {3 hits; pred 4, true 4} = 3/5; class 1 {4; 5, 4} = 4/5; class 2 {2; 2, 3} = 2/3
+    assert m.miou == pytest.approx((3 / 5 + 4 / 5 + 2 / 3) / 3)
+    assert m.depth_rmse == pytest.approx(1.0) and m.normal_angle == pytest.approx(90.0)
+    assert m.boundary_f == pytest.approx(0.5)                                       # P = R = 1/2
+
+
+def test_delta_m_signs_and_value():
+    ref = train.DenseMetrics(0.5, 1.0, 20.0, 0.8)
+    assert str(ref) == "mIoU 0.500, depth RMSE 1.000, normal angle 20.0 deg, boundary F 0.800"
+    assert train.delta_m(ref, ref) == 0.0
+    better = train.DenseMetrics(0.55, 0.9, 18.0, 0.88)                              # +10% on every task
+    assert train.delta_m(better, ref) == pytest.approx(10.0)
+    worse = train.DenseMetrics(0.5, 1.2, 20.0, 0.8)                                 # RMSE 20% higher
+    assert train.delta_m(worse, ref) == pytest.approx(-5.0)
+    with pytest.raises(ValueError, match="reference's miou is 0"):
+        train.delta_m(ref, train.DenseMetrics(0.0, 1.0, 20.0, 0.8))
+
+
+def test_dense_metrics_reject_wrong_shapes(scenes):
+    good = (_one_hot_scores(scenes.segmentation, 4), scenes.depth, scenes.normals, scenes.boundaries)
+    with pytest.raises(ValueError, match=r"depth has shape \(6, 16, 16\)"):
+        train.dense_metrics(good[0], scenes.depth[:, 0], *good[2:], scenes)
+    with pytest.raises(ValueError, match="segmentation has shape"):
+        train.dense_metrics(good[0][:3], *good[1:], scenes)
