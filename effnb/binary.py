@@ -62,7 +62,8 @@ except ImportError:          # Windows: no file locks; a concurrent build there 
 __all__ = [
     "BACKENDS", "BinaryConv2d", "BinaryLinear", "COMPILE_FLAGS", "ESTIMATORS", "OpCount", "RPReLU", "RSign",
     "approx_sign", "binarize_weight", "binary_backend", "binary_conv2d_packed", "binary_linear_packed",
-    "binary_matmul", "binary_ops", "build_library", "cache_dir", "cache_key", "pack_bits", "packed_bytes",
+    "binary_matmul", "binary_ops", "build_library", "cache_dir", "cache_key", "pack_bits", "pack_conv2d_input",
+    "pack_conv2d_weight", "packed_bytes",
     "popcount_support", "sign_ste", "unpack_bits", "weight_scale",
 ]
 
@@ -527,30 +528,53 @@ def binary_linear_packed(x: Tensor, layer: BinaryLinear, backend: str = "auto") 
     return out.reshape(*x.shape[:-1], layer.out_features)
 
 
-@torch.no_grad()
-def binary_conv2d_packed(x: Tensor, conv: BinaryConv2d, backend: str = "auto") -> Tensor:
-    r"""``conv(x)`` computed the deployed way: pad, binarize :math:`x - \beta_c`, im2col
-    (``F.unfold``), then :func:`binary_matmul` against the packed :math:`\mathrm{sign}(W)`, times α, plus
-    the bias. ``(B, C, H, W) -> (B, O, H', W')``; equals the float forward to float rounding.
-    ``groups=1`` only. Introduced in Chapter 7.
-    """
-    _check_packable(conv, BinaryConv2d, "binary_conv2d_packed")
+def _check_conv_input(x: Tensor, conv: nn.Module, caller: str) -> None:
+    _check_packable(conv, BinaryConv2d, caller)
     if conv.groups != 1:
-        raise ValueError(f"binary_conv2d_packed supports groups=1 only, got groups={conv.groups}.")
+        raise ValueError(f"{caller} supports groups=1 only, got groups={conv.groups}.")
     if x.dim() != 4 or x.shape[1] != conv.in_channels:
         raise ValueError(f"x of shape {tuple(x.shape)} must be (B, {conv.in_channels}, H, W).")
+
+
+@torch.no_grad()
+def pack_conv2d_input(x: Tensor, conv: BinaryConv2d) -> Tensor:
+    r"""The patches ``conv`` multiplies, packed: pad ``x`` as ``conv`` does, binarize
+    :math:`x - \beta_c`, im2col (``F.unfold``), then :func:`pack_bits`. ``(B, C, H, W) -> (B·H'·W', ceil(K/64))``
+    with ``K = C·kh·kw``, one row per output position (batch-major, then row-major). This is what the
+    packed path pays for activations on every call. Introduced in Chapter 7.
+    """
+    _check_conv_input(x, conv, "pack_conv2d_input")
     x = _sign(conv.input_binarizer.shifted(_pad_input(x, conv)))             # (B, C, Hp, Wp), all ±1
-    cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)   # (B, C·kh·kw, L)
-    B, K, L = cols.shape
-    O = conv.out_channels
-    dots = binary_matmul(pack_bits(cols.transpose(1, 2).reshape(B * L, K)),
-                         pack_bits(conv.weight.reshape(O, K)), K, backend)    # (B·L, O)
-    out = dots.to(x.dtype) * weight_scale(conv.weight)
+    cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)   # (B, K, L)
+    return pack_bits(cols.transpose(1, 2).reshape(-1, cols.shape[1]))       # (B·L, W)
+
+
+@torch.no_grad()
+def pack_conv2d_weight(conv: BinaryConv2d) -> Tensor:
+    """:math:`\mathrm{sign}(W)` of ``conv`` packed, one row per output channel: ``(O, ceil(K/64))``.
+    A deployed layer stores this once. Introduced in Chapter 7."""
+    _check_packable(conv, BinaryConv2d, "pack_conv2d_weight")
+    return pack_bits(conv.weight.reshape(conv.out_channels, -1))
+
+
+@torch.no_grad()
+def binary_conv2d_packed(x: Tensor, conv: BinaryConv2d, backend: str = "auto") -> Tensor:
+    r"""``conv(x)`` computed the deployed way: :func:`pack_conv2d_input` (pad, binarize
+    :math:`x - \beta_c`, im2col, pack), then :func:`binary_matmul` against :func:`pack_conv2d_weight`,
+    times α, plus the bias. ``(B, C, H, W) -> (B, O, H', W')``; equals the float forward to float
+    rounding. ``groups=1`` only. Introduced in Chapter 7.
+    """
+    _check_conv_input(x, conv, "binary_conv2d_packed")
+    rows = pack_conv2d_input(x, conv)                                         # (B·L, W)
+    K, O = conv.weight[0].numel(), conv.out_channels
+    out = binary_matmul(rows, pack_conv2d_weight(conv), K, backend).to(x.dtype) * weight_scale(conv.weight)
     if conv.bias is not None:
         out = out + conv.bias
     (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
-    H_out, W_out = (x.shape[2] - dh * (kh - 1) - 1) // sh + 1, (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
-    return out.view(B, L, O).permute(0, 2, 1).reshape(B, O, H_out, W_out)
+    (pt, pb), (pl, pr) = conv._reversed_padding_repeated_twice[2:], conv._reversed_padding_repeated_twice[:2]
+    H_out = (x.shape[2] + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    W_out = (x.shape[3] + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    return out.view(x.shape[0], H_out * W_out, O).permute(0, 2, 1).reshape(x.shape[0], O, H_out, W_out)
 
 
 _BINARY_LAYERS = (BinaryLinear, BinaryConv2d)

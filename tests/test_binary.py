@@ -441,3 +441,20 @@ def test_compiled_backend_refuses_other_devices():
     with pytest.raises(ValueError, match=re.escape("backend='compiled' runs on CPU tensors, not meta; "
                                                    "use backend='torch'.")):
         B._matmul_compiled(a, a, 10)
+
+
+def test_packed_conv_operands_compose_to_the_float_conv():
+    torch.manual_seed(3)
+    conv = B.BinaryConv2d(5, 4, 3, stride=2, padding=1, bias=False)
+    with torch.no_grad():
+        conv.input_binarizer.beta.normal_()
+    x = torch.randn(2, 5, 7, 7)
+    rows, weight = B.pack_conv2d_input(x, conv), B.pack_conv2d_weight(conv)
+    assert rows.shape == (2 * 4 * 4, 1) and weight.shape == (4, 1)             # K = 45 fits one word
+    dots = B.binary_matmul(rows, weight, 45, backend="torch").float() * B.weight_scale(conv.weight)
+    expected = conv(x).permute(0, 2, 3, 1).reshape(-1, 4)                   # batch-major, then row-major
+    assert torch.allclose(dots, expected, atol=1e-5)
+    with pytest.raises(ValueError, match=re.escape("pack_conv2d_input supports groups=1 only, got groups=2.")):
+        B.pack_conv2d_input(torch.zeros(1, 4, 3, 3), B.BinaryConv2d(4, 2, 1, groups=2))
+    with pytest.raises(TypeError, match=re.escape("pack_conv2d_weight takes a BinaryConv2d, got Conv2d.")):
+        B.pack_conv2d_weight(nn.Conv2d(4, 2, 1))
