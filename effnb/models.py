@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["SmallCNN"]
+__all__ = ["MLP", "SmallCNN"]
 
 
 class SmallCNN(nn.Module):
@@ -43,4 +43,29 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits: ``(B, C, H, W) -> (B, num_classes)``."""
+        return self.head(self.features(x))
+
+
+class MLP(nn.Module):
+    """A one-hidden-layer perceptron for small images: flatten, ``Linear → ReLU``, a linear head.
+
+    The same ``features``/``head`` split as :class:`SmallCNN`, so code that needs penultimate
+    features (a gradient embedding, a probe) takes either. Introduced in Chapter 3.
+    """
+
+    def __init__(self, in_features: int = 64, num_classes: int = 10, hidden: int = 64) -> None:
+        super().__init__()
+        if in_features < 1 or num_classes < 2 or hidden < 1:
+            raise ValueError(
+                f"MLP needs in_features >= 1, num_classes >= 2, hidden >= 1; got {in_features}, {num_classes}, {hidden}."
+            )
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU())
+        self.head = nn.Linear(hidden, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Hidden features: ``(B, ...) -> (B, hidden)``; the input is flattened."""
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits: ``(B, ...) -> (B, num_classes)``."""
         return self.head(self.features(x))

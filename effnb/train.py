@@ -60,11 +60,13 @@ def fit(
     optimizer: torch.optim.Optimizer | None = None,
     seed: int = 0,
     desc: str = "train",
+    progress: bool = True,
 ) -> History:
     """Train ``model`` on tensors ``x (N, ...)`` and ``y (N,)`` for ``epochs`` with shuffled mini-batches.
 
     Adam with ``lr``/``weight_decay`` unless ``optimizer`` is given; cross-entropy unless ``loss_fn``
-    is. Batches move to the model's device. The shuffle order depends only on ``seed``.
+    is. Batches move to the model's device. The shuffle order depends only on ``seed``. ``progress=False``
+    hides the progress bar (for a chapter that trains many small models under one bar of its own).
     Returns a :class:`History`. Introduced in Chapter 0.
     """
     check_count("epochs", epochs, 3)
@@ -78,7 +80,7 @@ def fit(
     gen = torch.Generator().manual_seed(seed)
     history = History()
     model.train()
-    for _ in tqdm(range(epochs), desc=desc, disable=not progress_enabled(), mininterval=1.0):
+    for _ in tqdm(range(epochs), desc=desc, disable=not (progress and progress_enabled()), mininterval=1.0):
         order = torch.randperm(len(x), generator=gen)
         total, count = 0.0, 0
         for start in range(0, len(x), batch_size):
