@@ -61,10 +61,10 @@ except ImportError:          # Windows: no file locks; a concurrent build there 
 
 __all__ = [
     "BACKENDS", "BinaryConv2d", "BinaryLinear", "COMPILE_FLAGS", "ESTIMATORS", "OpCount", "RPReLU", "RSign",
-    "approx_sign", "binarize_weight", "binary_backend", "binary_conv2d_packed", "binary_linear_packed",
+    "approx_sign", "binarize_attention", "binarize_weight", "binary_backend", "binary_conv2d_packed", "binary_linear_packed",
     "binary_matmul", "binary_ops", "build_library", "cache_dir", "cache_key", "pack_bits", "pack_conv2d_input",
     "pack_conv2d_weight", "packed_bytes",
-    "popcount_support", "sign_ste", "unpack_bits", "weight_scale",
+    "dynamic_sign", "popcount_support", "sign_ste", "unpack_bits", "weight_scale",
 ]
 
 ESTIMATORS: tuple[str, ...] = ("ste", "approx")
@@ -164,6 +164,39 @@ class RPReLU(nn.Module):
         u = x - _per_channel(self.gamma, x, self.dim, "RPReLU")
         u = F.prelu(u.movedim(self.dim, 1), self.slope).movedim(1, self.dim)   # PReLU wants channels at dim 1
         return u + _per_channel(self.zeta, x, self.dim, "RPReLU")
+
+
+def dynamic_sign(x: Tensor, dim: int = -1, estimator: str = "ste") -> Tensor:
+    r"""Fine-grained *dynamic* binarization: threshold and scale come from the current input, per row.
+
+    .. math:: \tau = \mathrm{mean}_{\mathrm{dim}}(x), \qquad s = \mathrm{mean}_{\mathrm{dim}}|x - \tau|,
+              \qquad x_b = s \cdot \mathrm{sign}(x - \tau)
+
+    so each row (a token's query, key or value vector) splits at its own mean and keeps its own
+    magnitude, whatever the input's distribution. ``s`` minimises :math:`\|x - \tau - s\,\mathrm{sign}(x - \tau)\|^2`.
+    The sign uses ``estimator``'s gradient; τ and s get their ordinary gradients. Any shape.
+    Introduced in Chapter 8 (FBPT's choice, written out by us: the paper gives no formula).
+    """
+    check_choice("estimator", estimator, ESTIMATORS)
+    binarize = sign_ste if estimator == "ste" else approx_sign
+    tau = x.mean(dim, keepdim=True)
+    scale = (x - tau).abs().mean(dim, keepdim=True)
+    return scale * binarize(x - tau)
+
+
+def binarize_attention(p: Tensor, dim: int = -1) -> Tensor:
+    r"""Binarize an attention map row by row against its own mean, keeping rows that sum to one.
+
+    .. math:: b_{ij} = 1[p_{ij} \ge \bar p_i], \qquad \hat p_{ij} = b_{ij} / \textstyle\sum_j b_{ij}
+
+    Each query attends uniformly to the keys it weighs above its average (at least one: the maximum
+    is never below the mean), and ignores the rest; the map is a {0, 1} mask times one scale per row.
+    The gradient passes straight through to ``p``. Any shape; rows along ``dim``.
+    Introduced in Chapter 8 (our choice for FBPT's dynamic attention binarization).
+    """
+    mask = (p >= p.mean(dim, keepdim=True)).to(p.dtype)
+    hard = mask / mask.sum(dim, keepdim=True)
+    return p + (hard - p).detach()
 
 
 # ============================================================================ 2. binary layers

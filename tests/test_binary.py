@@ -458,3 +458,37 @@ def test_packed_conv_operands_compose_to_the_float_conv():
         B.pack_conv2d_input(torch.zeros(1, 4, 3, 3), B.BinaryConv2d(4, 2, 1, groups=2))
     with pytest.raises(TypeError, match=re.escape("pack_conv2d_weight takes a BinaryConv2d, got Conv2d.")):
         B.pack_conv2d_weight(nn.Conv2d(4, 2, 1))
+
+
+# ---------------------------------------------------------------------------- dynamic binarizers (Chapter 8)
+def test_dynamic_sign_uses_each_rows_own_threshold_and_scale():
+    x = torch.tensor([[1.0, 2.0, 3.0, 6.0], [-10.0, -10.0, -12.0, -8.0]])
+    out = B.dynamic_sign(x)
+    # row 0: tau 3, s = mean |x - 3| = (2 + 1 + 0 + 3) / 4 = 1.5; row 1: tau -10, s = 1
+    assert torch.equal(out, torch.tensor([[-1.5, -1.5, 1.5, 1.5], [1.0, 1.0, -1.0, 1.0]]))
+    shifted = B.dynamic_sign(x + 100.0)
+    assert torch.equal(shifted, out), "a shift of the input changes nothing: the threshold moves with it"
+    assert torch.allclose(B.dynamic_sign(3 * x), 3 * out), "the scale follows the input's magnitude"
+    cols = B.dynamic_sign(x.T, dim=0)
+    assert torch.equal(cols, out.T)
+
+
+def test_dynamic_sign_passes_gradients_and_checks_its_estimator():
+    x = torch.randn(3, 8, requires_grad=True)
+    B.dynamic_sign(x, estimator="approx").sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    with pytest.raises(ValueError, match="estimator='exact' is not valid"):
+        B.dynamic_sign(x, estimator="exact")
+
+
+def test_binarize_attention_keeps_the_keys_above_the_row_mean():
+    p = torch.softmax(torch.tensor([[2.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]), dim=-1)
+    out = B.binarize_attention(p)
+    assert torch.allclose(out, torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]]))
+    rows = torch.softmax(torch.randn(5, 7, 9), dim=-1)
+    hard = B.binarize_attention(rows)
+    assert torch.allclose(hard.sum(-1), torch.ones(5, 7)), "rows still sum to one"
+    assert ((hard == 0) | torch.isclose(hard, hard.amax(-1, keepdim=True))).all(), "one value per row besides 0"
+    p = rows.clone().requires_grad_(True)
+    (B.binarize_attention(p) * torch.arange(9.0)).sum().backward()
+    assert torch.allclose(p.grad, torch.arange(9.0).expand(5, 7, 9)), "straight-through gradient"

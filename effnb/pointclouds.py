@@ -1,0 +1,221 @@
+"""Point clouds: parametric primitives generated offline, and ModelNet40 read from its OFF meshes.
+
+Every cloud is ``(N, 3)`` points sampled uniformly by area on a surface. The generator is
+deterministic from its seed. Introduced in Chapter 8.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from effnb.config import check_choice, check_count
+
+__all__ = ["MODELNET40_URL", "PointClouds", "SHAPES", "load_modelnet40", "make_point_clouds", "point_cloud_split",
+           "random_rotation", "read_off", "sample_mesh"]
+
+MODELNET40_URL = "http://modelnet.cs.princeton.edu/ModelNet40.zip"
+
+
+@dataclass(frozen=True)
+class PointClouds:
+    """Clouds ``points (n, N, 3)`` float32 with class ``labels (n,)`` int64 and the class ``names``."""
+
+    points: torch.Tensor
+    labels: torch.Tensor
+    names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        """How many classes ``names`` lists."""
+        return len(self.names)
+
+    def to(self, device: torch.device | str) -> PointClouds:
+        """The same clouds with ``points`` and ``labels`` on ``device``."""
+        return PointClouds(self.points.to(device), self.labels.to(device), self.names)
+
+
+def sample_mesh(vertices: np.ndarray, faces: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` points uniform by area on a triangle mesh: ``vertices (V, 3)``, ``faces (F, 3)`` vertex indices.
+
+    A face is drawn with probability proportional to its area, then a point inside it with the
+    square-root trick for uniform barycentric coordinates. Raises ``ValueError`` for a mesh of zero area.
+    """
+    tri = vertices[faces]                                              # (F, 3, 3)
+    area = 0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
+    if not area.sum() > 0:
+        raise ValueError("the mesh has zero surface area; check its faces.")
+    face = rng.choice(len(faces), size=n, p=area / area.sum())
+    r1, r2 = np.sqrt(rng.random(n))[:, None], rng.random(n)[:, None]
+    a, b, c = tri[face, 0], tri[face, 1], tri[face, 2]
+    return (1 - r1) * a + r1 * (1 - r2) * b + r1 * r2 * c
+
+
+def _mesh(vertices: list, faces: list) -> tuple[np.ndarray, np.ndarray]:
+    return np.array(vertices, dtype=np.float64), np.array(faces, dtype=np.int64)
+
+
+_CUBE = _mesh([[x, y, z] for x in (-0.7, 0.7) for y in (-0.7, 0.7) for z in (-0.7, 0.7)],
+              [[0, 1, 3], [0, 3, 2], [4, 6, 7], [4, 7, 5], [0, 4, 5], [0, 5, 1],
+               [2, 3, 7], [2, 7, 6], [0, 2, 6], [0, 6, 4], [1, 5, 7], [1, 7, 3]])
+_PYRAMID = _mesh([[-0.8, -0.8, -0.6], [0.8, -0.8, -0.6], [0.8, 0.8, -0.6], [-0.8, 0.8, -0.6], [0, 0, 0.9]],
+                 [[0, 1, 2], [0, 2, 3], [0, 1, 4], [1, 2, 4], [2, 3, 4], [3, 0, 4]])
+_PLANE = _mesh([[-1, -1, 0], [1, -1, 0], [1, 1, 0], [-1, 1, 0]], [[0, 1, 2], [0, 2, 3]])
+
+
+def _on_circle(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    angle = rng.uniform(0, 2 * np.pi, n)
+    return np.cos(angle), np.sin(angle)
+
+
+def _sphere(n: int, rng: np.random.Generator, radius: float = 0.9) -> np.ndarray:
+    p = rng.normal(size=(n, 3))
+    return radius * p / np.linalg.norm(p, axis=1, keepdims=True)
+
+
+def _tube(n: int, rng: np.random.Generator, radius: float, half_height: float, caps: str) -> np.ndarray:
+    """A cylinder side of ``radius`` from -half_height to half_height, with flat or round caps, uniform by area."""
+    side, cap = 2 * np.pi * radius * 2 * half_height, (np.pi * radius ** 2 if caps == "flat" else 2 * np.pi * radius ** 2)
+    on_side = rng.random(n) < side / (side + 2 * cap)
+    c, s = _on_circle(n, rng)
+    p = np.stack([radius * c, radius * s, rng.uniform(-half_height, half_height, n)], 1)
+    top = np.where(rng.random(n) < 0.5, 1.0, -1.0)
+    if caps == "flat":
+        r = radius * np.sqrt(rng.random(n))
+        cap_points = np.stack([r * c, r * s, top * half_height], 1)
+    else:
+        dome = _sphere(n, rng, radius)
+        dome[:, 2] = np.abs(dome[:, 2]) * top + top * half_height
+        cap_points = dome
+    return np.where(on_side[:, None], p, cap_points)
+
+
+def _cone(n: int, rng: np.random.Generator, radius: float = 0.8, height: float = 1.6) -> np.ndarray:
+    slant = np.hypot(radius, height)
+    lateral, base = np.pi * radius * slant, np.pi * radius ** 2
+    on_side = rng.random(n) < lateral / (lateral + base)
+    c, s = _on_circle(n, rng)
+    t = np.sqrt(rng.random(n))                                      # distance from the apex, uniform by area
+    side = np.stack([t * radius * c, t * radius * s, height / 2 - t * height], 1)
+    r = radius * np.sqrt(rng.random(n))
+    bottom = np.stack([r * c, r * s, np.full(n, -height / 2)], 1)
+    return np.where(on_side[:, None], side, bottom)
+
+
+def _torus(n: int, rng: np.random.Generator, big: float = 0.65, small: float = 0.25) -> np.ndarray:
+    theta = rng.uniform(0, 2 * np.pi, 4 * n)
+    phi = rng.uniform(0, 2 * np.pi, 4 * n)
+    keep = rng.random(4 * n) < (big + small * np.cos(phi)) / (big + small)   # area element (R + r cos phi)
+    theta, phi = theta[keep][:n], phi[keep][:n]
+    ring = big + small * np.cos(phi)
+    return np.stack([ring * np.cos(theta), ring * np.sin(theta), small * np.sin(phi)], 1)
+
+
+SHAPES = {
+    "sphere": _sphere,
+    "cube": lambda n, rng: sample_mesh(*_CUBE, n, rng),
+    "cylinder": lambda n, rng: _tube(n, rng, 0.55, 0.8, "flat"),
+    "cone": _cone,
+    "torus": _torus,
+    "pyramid": lambda n, rng: sample_mesh(*_PYRAMID, n, rng),
+    "capsule": lambda n, rng: _tube(n, rng, 0.4, 0.5, "round"),
+    "plane patch": lambda n, rng: sample_mesh(*_PLANE, n, rng),
+}
+
+
+def random_rotation(rng: np.random.Generator) -> np.ndarray:
+    """A rotation matrix drawn uniformly from SO(3) (QR of a Gaussian matrix, signs fixed, det +1)."""
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    if np.linalg.det(q) < 0:
+        q[:, 0] = -q[:, 0]
+    return q
+
+
+def make_point_clouds(n: int, num_points: int = 256, seed: int = 0, shapes: tuple[str, ...] | None = None,
+                      scale: tuple[float, float] = (0.7, 1.2), jitter: float = 0.02) -> PointClouds:
+    """``n`` clouds of ``num_points`` points each, from the primitives ``shapes`` (default: all of :data:`SHAPES`).
+
+    Classes take turns, so each appears ``n / C`` times (±1); each cloud is a surface sample of its
+    primitive, rotated uniformly at random, scaled by a factor drawn from ``scale`` and jittered with
+    Gaussian noise of standard deviation ``jitter``. The same ``seed`` gives the same clouds.
+    """
+    check_count("n", n, 1000)
+    check_count("num_points", num_points, 256)
+    names = tuple(SHAPES) if shapes is None else tuple(shapes)
+    for name in names:
+        check_choice("shape", name, tuple(SHAPES))
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(n) % len(names))
+    clouds = np.empty((n, num_points, 3), dtype=np.float32)
+    for i, label in enumerate(labels):
+        p = SHAPES[names[label]](num_points, rng) @ random_rotation(rng).T * rng.uniform(*scale)
+        clouds[i] = p + rng.normal(scale=jitter, size=p.shape)
+    return PointClouds(torch.from_numpy(clouds), torch.from_numpy(labels.astype(np.int64)), names)
+
+
+def point_cloud_split(n_train: int = 1600, n_test: int = 400, num_points: int = 256, seed: int = 0,
+                      **kwargs) -> tuple[PointClouds, PointClouds]:
+    """A training and a test set of generated clouds, drawn with different seeds from ``seed``."""
+    return (make_point_clouds(n_train, num_points, seed=2 * seed, **kwargs),
+            make_point_clouds(n_test, num_points, seed=2 * seed + 1, **kwargs))
+
+
+def read_off(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Vertices ``(V, 3)`` and triangles ``(F, 3)`` of an OFF mesh file; polygons are fanned into triangles.
+
+    Accepts ModelNet's variant whose first line runs the ``OFF`` header into the counts (``OFF490 518 0``).
+    Raises ``ValueError`` for a file that is not OFF.
+    """
+    lines = [ln.split("#")[0].strip() for ln in Path(path).read_text().splitlines()]
+    lines = [ln for ln in lines if ln]
+    if not lines or not lines[0].startswith("OFF"):
+        raise ValueError(f"{path} is not an OFF mesh: its first line should start with 'OFF'.")
+    header = lines[0][3:].split() or lines.pop(1).split()
+    num_vertices, num_faces = int(header[0]), int(header[1])
+    body = lines[1 : 1 + num_vertices + num_faces]
+    if len(body) < num_vertices + num_faces:
+        raise ValueError(f"{path} is cut short: its header promises {num_vertices} vertices and {num_faces} faces.")
+    vertices = np.array([[float(v) for v in ln.split()[:3]] for ln in body[:num_vertices]])
+    triangles = []
+    for ln in body[num_vertices:]:
+        count, *ids = (int(v) for v in ln.split())
+        triangles += [[ids[0], ids[j], ids[j + 1]] for j in range(1, count - 1)]
+    return vertices, np.array(triangles, dtype=np.int64)
+
+
+def load_modelnet40(root: str | Path, split: str = "train", num_points: int = 1024, seed: int = 0,
+                    download: bool = False) -> PointClouds:
+    """ModelNet40 from its standard layout ``root/ModelNet40/<class>/<split>/*.off``, as :class:`PointClouds`.
+
+    Each mesh gives ``num_points`` points uniform by area (seeded), centred and scaled into the unit
+    sphere. Classes are the sorted folder names. ``download=True`` refuses, since effnb records no
+    sha256 for the archive and downloads nothing it cannot verify. Raises ``FileNotFoundError`` with
+    the fix when the folder is missing.
+    """
+    check_choice("split", split, ("train", "test"))
+    check_count("num_points", num_points, 1024)
+    folder = Path(root) / "ModelNet40"
+    if download:
+        raise NotImplementedError(f"download=True cannot fetch ModelNet40, because effnb records no sha256 for its "
+                                  f"archive; download {MODELNET40_URL} yourself and unzip it into {root}.")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is missing; unzip ModelNet40.zip ({MODELNET40_URL}) into {root} so that it "
+                                "holds ModelNet40/<class>/train and test folders of .off files.")
+    names = tuple(sorted(p.name for p in folder.iterdir() if (p / split).is_dir()))
+    rng = np.random.default_rng(seed)
+    clouds, labels = [], []
+    for label, name in enumerate(names):
+        for path in sorted((folder / name / split).glob("*.off")):
+            p = sample_mesh(*read_off(path), num_points, rng)
+            p = p - p.mean(0)
+            clouds.append(p / np.linalg.norm(p, axis=1).max())
+            labels.append(label)
+    if not clouds:
+        raise FileNotFoundError(f"{folder} holds no <class>/{split}/*.off files; is it the unzipped ModelNet40?")
+    return PointClouds(torch.from_numpy(np.stack(clouds).astype(np.float32)), torch.tensor(labels), names)
