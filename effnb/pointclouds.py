@@ -13,8 +13,11 @@ import torch
 
 from effnb.config import check_choice, check_count
 
-__all__ = ["MODELNET40_URL", "PointClouds", "SHAPES", "load_modelnet40", "make_point_clouds", "point_cloud_split",
-           "random_rotation", "read_off", "sample_mesh"]
+__all__ = ["MODELNET40_URL", "PointClouds", "ROTATIONS", "SHAPES", "farthest_point_sample", "group_points",
+           "load_modelnet40", "make_point_clouds", "normalize_clouds", "point_cloud_split", "random_rotation", "read_off",
+           "sample_mesh"]
+
+ROTATIONS = ("z", "so3")
 
 MODELNET40_URL = "http://modelnet.cs.princeton.edu/ModelNet40.zip"
 
@@ -128,8 +131,13 @@ SHAPES = {
 }
 
 
-def random_rotation(rng: np.random.Generator) -> np.ndarray:
-    """A rotation matrix drawn uniformly from SO(3) (QR of a Gaussian matrix, signs fixed, det +1)."""
+def random_rotation(rng: np.random.Generator, kind: str = "so3") -> np.ndarray:
+    """A random rotation matrix: ``"so3"`` uniform over all rotations (QR of a Gaussian matrix, signs
+    fixed, det +1); ``"z"`` about the vertical axis only, by a uniform angle (ModelNet's usual augmentation)."""
+    check_choice("rotation", kind, ROTATIONS)
+    if kind == "z":
+        a = rng.uniform(0, 2 * np.pi)
+        return np.array([[np.cos(a), -np.sin(a), 0.0], [np.sin(a), np.cos(a), 0.0], [0.0, 0.0, 1.0]])
     q, r = np.linalg.qr(rng.normal(size=(3, 3)))
     q = q * np.sign(np.diag(r))
     if np.linalg.det(q) < 0:
@@ -138,15 +146,16 @@ def random_rotation(rng: np.random.Generator) -> np.ndarray:
 
 
 def make_point_clouds(n: int, num_points: int = 256, seed: int = 0, shapes: tuple[str, ...] | None = None,
-                      scale: tuple[float, float] = (0.7, 1.2), jitter: float = 0.02) -> PointClouds:
+                      scale: tuple[float, float] = (0.7, 1.2), jitter: float = 0.02, rotation: str = "so3") -> PointClouds:
     """``n`` clouds of ``num_points`` points each, from the primitives ``shapes`` (default: all of :data:`SHAPES`).
 
     Classes take turns, so each appears ``n / C`` times (±1); each cloud is a surface sample of its
-    primitive, rotated uniformly at random, scaled by a factor drawn from ``scale`` and jittered with
+    primitive, rotated at random (``rotation``: see :func:`random_rotation`), scaled by a factor drawn from ``scale`` and jittered with
     Gaussian noise of standard deviation ``jitter``. The same ``seed`` gives the same clouds.
     """
     check_count("n", n, 1000)
     check_count("num_points", num_points, 256)
+    check_choice("rotation", rotation, ROTATIONS)
     names = tuple(SHAPES) if shapes is None else tuple(shapes)
     for name in names:
         check_choice("shape", name, tuple(SHAPES))
@@ -154,7 +163,7 @@ def make_point_clouds(n: int, num_points: int = 256, seed: int = 0, shapes: tupl
     labels = rng.permutation(np.arange(n) % len(names))
     clouds = np.empty((n, num_points, 3), dtype=np.float32)
     for i, label in enumerate(labels):
-        p = SHAPES[names[label]](num_points, rng) @ random_rotation(rng).T * rng.uniform(*scale)
+        p = SHAPES[names[label]](num_points, rng) @ random_rotation(rng, rotation).T * rng.uniform(*scale)
         clouds[i] = p + rng.normal(scale=jitter, size=p.shape)
     return PointClouds(torch.from_numpy(clouds), torch.from_numpy(labels.astype(np.int64)), names)
 
@@ -219,3 +228,45 @@ def load_modelnet40(root: str | Path, split: str = "train", num_points: int = 10
     if not clouds:
         raise FileNotFoundError(f"{folder} holds no <class>/{split}/*.off files; is it the unzipped ModelNet40?")
     return PointClouds(torch.from_numpy(np.stack(clouds).astype(np.float32)), torch.tensor(labels), names)
+
+
+def normalize_clouds(points: torch.Tensor) -> torch.Tensor:
+    """Centre each cloud of ``(B, N, 3)`` at the origin and scale it into the unit sphere (max radius 1)."""
+    centred = points - points.mean(1, keepdim=True)
+    return centred / centred.norm(dim=2).amax(1)[:, None, None].clamp(min=1e-12)
+
+
+def farthest_point_sample(points: torch.Tensor, num_centres: int) -> torch.Tensor:
+    """Indices ``(B, num_centres)`` of farthest-point sampling in each cloud of ``(B, N, 3)``.
+
+    Starts at point 0; each next centre is the point farthest from all centres so far. One loop
+    step per centre, vectorised over the batch and the points.
+    """
+    b, n, _ = points.shape
+    if isinstance(num_centres, bool) or not isinstance(num_centres, int) or not 1 <= num_centres <= n:
+        raise ValueError(f"num_centres={num_centres!r} must be an int between 1 and the {n} points of a cloud.")
+    rows = torch.arange(b, device=points.device)
+    chosen = torch.zeros(b, num_centres, dtype=torch.long, device=points.device)
+    nearest = torch.full((b, n), float("inf"), device=points.device)
+    farthest = torch.zeros(b, dtype=torch.long, device=points.device)
+    for i in range(num_centres):
+        chosen[:, i] = farthest
+        nearest = torch.minimum(nearest, ((points - points[rows, farthest][:, None]) ** 2).sum(-1))
+        farthest = nearest.argmax(1)
+    return chosen
+
+
+def group_points(points: torch.Tensor, num_centres: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Point-transformer patches: farthest-point centres and each centre's ``k`` nearest points.
+
+    Returns ``(neighbours (B, G, k, 3), centres (B, G, 3))`` with the neighbours relative to their
+    centre (a centre is its own nearest neighbour). Raises ``ValueError`` for ``k`` above N.
+    """
+    n = points.shape[1]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+        raise ValueError(f"k={k!r} must be an int between 1 and the {n} points of a cloud.")
+    rows = torch.arange(len(points), device=points.device)[:, None]
+    centres = points[rows, farthest_point_sample(points, num_centres)]
+    distances = torch.cdist(centres, points, compute_mode="donot_use_mm_for_euclid_dist")   # exact, not via matmul
+    nearest = distances.topk(k, largest=False).indices                              # (B, G, k)
+    return points[rows[:, :, None], nearest] - centres[:, :, None], centres

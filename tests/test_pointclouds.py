@@ -108,3 +108,28 @@ def test_load_modelnet40_reads_a_fabricated_sample(tmp_path):
         P.load_modelnet40(tmp_path, download=True)
     with pytest.raises(ValueError, match="split='val' is not valid"):
         P.load_modelnet40(tmp_path, "val")
+
+
+def test_rotation_kinds():
+    z = P.random_rotation(np.random.default_rng(0), "z")
+    assert np.allclose(z[2], [0, 0, 1]) and np.allclose(z @ z.T, np.eye(3))
+    upright = P.make_point_clouds(8, 64, rotation="z", shapes=("plane patch",), jitter=0.0)
+    assert float(upright.points[..., 2].abs().max()) < 1e-6, "a z-rotation keeps the patch horizontal"
+    with pytest.raises(ValueError, match="rotation='x' is not valid"):
+        P.make_point_clouds(4, 16, rotation="x")
+
+
+def test_normalize_farthest_point_sample_and_group():
+    clouds = P.normalize_clouds(P.make_point_clouds(3, 50, seed=4).points * 5 + 2)
+    assert torch.allclose(clouds.norm(dim=2).amax(1), torch.ones(3)) and float(clouds.mean(1).abs().max()) < 1e-5
+    line = torch.tensor([[[0.0, 0, 0], [1, 0, 0], [2, 0, 0], [10, 0, 0], [9, 0, 0]]])
+    assert P.farthest_point_sample(line, 3).tolist() == [[0, 3, 2]]
+    neighbours, centres = P.group_points(clouds, 4, 6)
+    assert neighbours.shape == (3, 4, 6, 3) and centres.shape == (3, 4, 3)
+    assert torch.allclose(neighbours[:, :, 0], torch.zeros(3, 4, 3)), "each centre is its own nearest point"
+    brute = (centres[0][:, None] - clouds[0][None]).norm(dim=-1).sort(1).values[:, :6]
+    assert torch.allclose(neighbours[0].norm(dim=2), brute, atol=1e-6)
+    with pytest.raises(ValueError, match="num_centres=51 must be an int between 1 and the 50 points"):
+        P.farthest_point_sample(clouds, 51)
+    with pytest.raises(ValueError, match="k=0 must be an int"):
+        P.group_points(clouds, 4, 0)
