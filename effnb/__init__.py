@@ -1,7 +1,8 @@
 """effnb: the helper library of *Efficient Deep Learning, Hands-On*.
 
-Layers (imports only point down): ``config``; ``data``, ``plot``, ``show``, ``report``;
-``models``, ``train``, ``measure``; technique modules (``roofline``, ``diffusion``, ...).
+Layers (imports only point down): ``config``; ``data`` (with ``pointclouds``, which builds on it),
+``plot``, ``show``, ``report``; ``models``, ``train``, ``measure``; technique modules (``roofline``,
+``diffusion``, ``quant``, ``binary``, ``coreset``, ...).
 """
 import os as _os
 

@@ -1,17 +1,22 @@
 """Point clouds: parametric primitives generated offline, and ModelNet40 read from its OFF meshes.
 
 Every cloud is ``(N, 3)`` points sampled uniformly by area on a surface. The generator is
-deterministic from its seed. Introduced in Chapter 8.
+deterministic from its seed. Part of the data layer: it imports only ``config`` and ``data``.
+Introduced in Chapter 8.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
+import json
+
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from effnb.config import check_choice, check_count
+from effnb.data import atomic_path
 
 __all__ = ["MODELNET40_URL", "PointClouds", "ROTATIONS", "SHAPES", "farthest_point_sample", "group_points",
            "load_modelnet40", "make_point_clouds", "normalize_clouds", "point_cloud_split", "random_rotation", "read_off",
@@ -199,13 +204,15 @@ def read_off(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_modelnet40(root: str | Path, split: str = "train", num_points: int = 1024, seed: int = 0,
-                    download: bool = False) -> PointClouds:
+                    download: bool = False, cache: bool = True) -> PointClouds:
     """ModelNet40 from its standard layout ``root/ModelNet40/<class>/<split>/*.off``, as :class:`PointClouds`.
 
     Each mesh gives ``num_points`` points uniform by area (seeded), centred and scaled into the unit
-    sphere. Classes are the sorted folder names. ``download=True`` refuses, since effnb records no
-    sha256 for the archive and downloads nothing it cannot verify. Raises ``FileNotFoundError`` with
-    the fix when the folder is missing.
+    sphere. Classes are the sorted folder names. Parsing some 12,000 meshes takes minutes, so with
+    ``cache`` the sampled points are saved once with safetensors under ``root/ModelNet40_cache/``
+    and read back while the list of mesh files is unchanged. ``download=True`` refuses, since effnb
+    records no sha256 for the archive and downloads nothing it cannot verify. Raises
+    ``FileNotFoundError`` with the fix when the folder is missing.
     """
     check_choice("split", split, ("train", "test"))
     check_count("num_points", num_points, 1024)
@@ -217,17 +224,28 @@ def load_modelnet40(root: str | Path, split: str = "train", num_points: int = 10
         raise FileNotFoundError(f"{folder} is missing; unzip ModelNet40.zip ({MODELNET40_URL}) into {root} so that it "
                                 "holds ModelNet40/<class>/train and test folders of .off files.")
     names = tuple(sorted(p.name for p in folder.iterdir() if (p / split).is_dir()))
-    rng = np.random.default_rng(seed)
-    clouds, labels = [], []
-    for label, name in enumerate(names):
-        for path in sorted((folder / name / split).glob("*.off")):
-            p = sample_mesh(*read_off(path), num_points, rng)
-            p = p - p.mean(0)
-            clouds.append(p / np.linalg.norm(p, axis=1).max())
-            labels.append(label)
-    if not clouds:
+    files = [(label, path) for label, name in enumerate(names) for path in sorted((folder / name / split).glob("*.off"))]
+    if not files:
         raise FileNotFoundError(f"{folder} holds no <class>/{split}/*.off files; is it the unzipped ModelNet40?")
-    return PointClouds(torch.from_numpy(np.stack(clouds).astype(np.float32)), torch.tensor(labels), names)
+    listing = json.dumps({"names": names, "files": [str(path.relative_to(folder)) for _, path in files]})
+    cached = Path(root) / "ModelNet40_cache" / f"{split}_{num_points}_seed{seed}.safetensors"
+    if cache and cached.exists():
+        with open(cached, "rb") as handle:                      # the header holds the listing it was made from
+            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+        if header.get("__metadata__", {}).get("listing") == listing:
+            tensors = load_file(str(cached))
+            return PointClouds(tensors["points"], tensors["labels"], names)
+    rng = np.random.default_rng(seed)
+    clouds = np.empty((len(files), num_points, 3), dtype=np.float32)
+    for i, (_, path) in enumerate(files):
+        p = sample_mesh(*read_off(path), num_points, rng)
+        p = p - p.mean(0)
+        clouds[i] = p / np.linalg.norm(p, axis=1).max()
+    result = PointClouds(torch.from_numpy(clouds), torch.tensor([label for label, _ in files]), names)
+    if cache:
+        with atomic_path(cached) as tmp:
+            save_file({"points": result.points, "labels": result.labels}, str(tmp), metadata={"listing": listing})
+    return result
 
 
 def normalize_clouds(points: torch.Tensor) -> torch.Tensor:

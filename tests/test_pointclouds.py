@@ -133,3 +133,19 @@ def test_normalize_farthest_point_sample_and_group():
         P.farthest_point_sample(clouds, 51)
     with pytest.raises(ValueError, match="k=0 must be an int"):
         P.group_points(clouds, 4, 0)
+
+
+def test_load_modelnet40_caches_its_samples_and_notices_new_files(tmp_path, monkeypatch):
+    cube_v, cube_f = P._CUBE
+    for i in range(2):
+        write_off(tmp_path / "ModelNet40" / "cube" / "train" / f"cube_{i}.off", cube_v.tolist(), cube_f.tolist())
+    first = P.load_modelnet40(tmp_path, num_points=16)
+    assert (tmp_path / "ModelNet40_cache" / "train_16_seed0.safetensors").exists()
+    monkeypatch.setattr(P, "read_off", lambda path: (_ for _ in ()).throw(AssertionError("parsed again")))
+    again = P.load_modelnet40(tmp_path, num_points=16)
+    assert torch.equal(first.points, again.points) and again.names == ("cube",)
+    monkeypatch.undo()
+    write_off(tmp_path / "ModelNet40" / "cube" / "train" / "cube_2.off", cube_v.tolist(), cube_f.tolist())
+    assert len(P.load_modelnet40(tmp_path, num_points=16)) == 3, "a new mesh file invalidates the cache"
+    uncached = P.load_modelnet40(tmp_path, num_points=16, cache=False)
+    assert torch.equal(uncached.points, P.load_modelnet40(tmp_path, num_points=16).points)
