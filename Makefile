@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: book test outputs benchmark assignments full-edition gpu-smoke browser env clean
+.PHONY: book test outputs benchmark assignments grade full-edition gpu-smoke browser env clean
 
 env: $(STAMP)
 
@@ -41,6 +41,11 @@ benchmark: $(STAMP)  ## time every chapter (ci profile) and write book/runtimes.
 
 assignments: $(STAMP)  ## student notebooks and autograders of every chapter into _build/assignments
 	$(BIN)/python scripts/make_assignments.py
+
+grade: $(STAMP)  ## grade SUBMISSIONS=folder of student notebooks against CHAPTER=NN (writes folder/grades.csv)
+	@test -n "$(SUBMISSIONS)" && test -n "$(CHAPTER)" || { echo "usage: make grade SUBMISSIONS=folder CHAPTER=NN, e.g. make grade SUBMISSIONS=submissions CHAPTER=02"; exit 2; }
+	$(BIN)/python scripts/make_assignments.py
+	$(BIN)/python scripts/make_assignments.py grade --chapter $(CHAPTER) $(SUBMISSIONS) --out $(SUBMISSIONS)/grades.csv
 
 full-edition: $(STAMP)  ## run every chapter with PROFILE=full (needs a GPU) and render _build/full/html
 	$(BIN)/python scripts/build_full_edition.py

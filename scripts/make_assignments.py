@@ -20,10 +20,14 @@ import ast
 import copy
 import csv
 import json
+import os
 import re
 import shutil
 import sys
 import textwrap
+from collections import Counter
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,13 +126,15 @@ def used_names(code: str) -> set[str]:
 def stub_solution(source: str, exercise: Exercise) -> str:
     """``source`` with each BEGIN/END SOLUTION block replaced by a stub raising NotImplementedError.
 
-    The hint names what the check cell reads of the solution's definitions (all of them if none).
+    The hint names the solution's definitions that the check cell or the rest of the cell reads
+    (all of them if none), so that the code kept after the stub runs once they are defined.
     """
+    needed = used_names(exercise.check) | used_names(SOLUTION.sub("", source))
 
     def stub(match: re.Match) -> str:
         indent, body = match.group(1), match.group(2)
         defined = defined_names(body)
-        names = [n for n in defined if n in used_names(exercise.check)] or defined
+        names = [n for n in defined if n in needed] or defined
         goal = f"define {', '.join(f'`{n}`' for n in names)}" if names else "write your solution"
         hint = f"Exercise {exercise.number} ({exercise.title}): {goal} here, then run the check cell below."
         return f"{indent}# YOUR CODE HERE\n{indent}raise NotImplementedError({hint!r})"
@@ -201,7 +207,8 @@ def make_main(argv: list[str]) -> int:
         count = len(json.loads(key.read_text())["exercises"])
         print(f"{notebook.name}: {count} exercises -> {student.relative_to(out)}, {key.relative_to(out)}")
     shutil.copy2(Path(__file__), out / "autograder" / "grade.py")
-    print(f"assignments in {out}; grade with: python {out / 'autograder' / 'grade.py'} grade --key KEY.json SUBMISSIONS")
+    print(f"assignments in {out}; grade with: make grade SUBMISSIONS=folder CHAPTER=NN "
+          f"(or {sys.executable} {out / 'autograder' / 'grade.py'} grade --key KEY.json SUBMISSIONS)")
     return 0
 
 
@@ -237,26 +244,41 @@ def cell_error(cell: nbformat.NotebookNode) -> str:
     return ""
 
 
-def execute(nb: nbformat.NotebookNode, cwd: Path, timeout: int = 900) -> nbformat.NotebookNode:
-    """Run ``nb`` top to bottom in a fresh python3 kernel in ``cwd``, errors allowed; return it."""
+def execute(nb: nbformat.NotebookNode, cwd: Path, timeout: int = 900) -> tuple[nbformat.NotebookNode, str, set[int]]:
+    """Run ``nb`` top to bottom in a fresh python3 kernel in ``cwd``, errors allowed.
+
+    Returns the notebook (cells run so far hold their outputs), ``''`` or the reason the run stopped
+    early (a kernel that died, a cell that ran past ``timeout`` seconds), and the indices of the
+    cells whose execution the kernel completed and acknowledged.
+    """
     from nbclient import NotebookClient
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
+    completed: set[int] = set()
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=True,
-                            resources={"metadata": {"path": str(cwd)}})
-    client.execute()
-    return nb
+                            resources={"metadata": {"path": str(cwd)}},
+                            on_cell_executed=lambda cell, cell_index, execute_reply: completed.add(cell_index))
+    try:
+        client.execute()
+    except DeadKernelError as err:
+        return nb, f"the kernel died ({str(err).splitlines()[0][:120]})", completed
+    except CellTimeoutError:
+        return nb, f"a cell ran longer than {timeout} s", completed
+    return nb, "", completed
 
 
-def grade_notebook(nb: nbformat.NotebookNode, key: dict, cwd: Path,
-                   run: bool = True) -> tuple[list[Result], nbformat.NotebookNode]:
+def grade_notebook(nb: nbformat.NotebookNode, key: dict, cwd: Path, run: bool = True,
+                   timeout: int = 900) -> tuple[list[Result], nbformat.NotebookNode]:
     """Grade one submission against ``key``; return the results and the (executed) notebook.
 
     With ``run=False`` the outputs already in ``nb`` are scored: a check passes only when its cell
-    is the reference check, was executed and shows no error.
+    is the reference check, was executed and shows no error. A run that stops early (dead kernel,
+    timeout) scores the checks it reached and names the reason at the others.
     """
+    stopped, completed = "", set()
     if run:
         prepared, where = with_reference_checks(nb, key)
-        executed = execute(prepared, cwd)
+        executed, stopped, completed = execute(prepared, cwd, timeout)
     else:
         executed, where = nb, with_reference_checks(nb, key)[1]
     results = []
@@ -264,6 +286,8 @@ def grade_notebook(nb: nbformat.NotebookNode, key: dict, cwd: Path,
         cell = executed.cells[where[ex["number"]]]
         if cell.source != ex["check"] and not run:
             error = "check cell differs from the reference check"
+        elif stopped and where[ex["number"]] not in completed:      # after an early stop, only acknowledged checks count
+            error = f"check cell was not run: {stopped}"
         elif cell.get("execution_count") is None:
             error = "check cell was not run"
         else:
@@ -279,22 +303,63 @@ def summary(name: str, results: list[Result]) -> str:
     return f"{name}  {earned}/{total}  " + ", ".join(parts)
 
 
+def grade_path(path: Path, key: dict, run: bool = True, timeout: int = 900) -> list[Result]:
+    """Grade the submission file ``path``; a file that is not a readable notebook scores 0 with the reason."""
+    try:
+        nb = nbformat.read(path, as_version=4)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the submission's fault, not the batch's
+        reason = f"malformed notebook: {type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
+        return [Result(ex["number"], ex["title"], ex["points"], 0, reason) for ex in key["exercises"]]
+    return grade_notebook(nb, key, path.resolve().parent, run=run, timeout=timeout)[0]
+
+
+def exercise_summary(key: dict, graded: dict[str, list[Result]]) -> list[str]:
+    """Per exercise: mean points over the submissions and the most common error."""
+    lines = []
+    for ex in key["exercises"]:
+        results = [r for rs in graded.values() for r in rs if r.number == ex["number"]]
+        errors = Counter(r.error.splitlines()[0][:80] for r in results if r.error)
+        common = f"; most common error ({errors.most_common(1)[0][1]}x): {errors.most_common(1)[0][0]}" if errors else ""
+        mean = sum(r.earned for r in results) / max(len(results), 1)
+        lines.append(f"exercise {ex['number']} ({ex['title']}): mean {mean:.2f}/{ex['points']}{common}")
+    return lines
+
+
 def grade_main(argv: list[str]) -> int:
-    """CLI: grade submissions against an answer key and write a CSV."""
+    """CLI: grade submissions against an answer key (in parallel) and write a CSV."""
     parser = argparse.ArgumentParser(prog="grade", description="Grade submitted notebooks against an answer key.")
-    parser.add_argument("submissions", nargs="+", type=Path)
-    parser.add_argument("--key", type=Path, required=True, help="the chapter's answer key, autograder/NN_name.json")
+    parser.add_argument("submissions", nargs="+", type=Path, help="notebooks, or folders of notebooks")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--key", type=Path, help="the chapter's answer key, autograder/NN_name.json")
+    which.add_argument("--chapter", help="the chapter's number, NN: its key in _build/assignments/autograder/")
     parser.add_argument("--out", type=Path, default=Path("grades.csv"), help="CSV of per-exercise results")
     parser.add_argument("--no-run", action="store_true", help="score the outputs already in the submissions")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="submissions graded at once (default: cores)")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds one cell may run before the submission stops")
     args = parser.parse_args(argv)
+    if args.jobs < 1 or args.timeout < 1:
+        raise SystemExit(f"--jobs={args.jobs} and --timeout={args.timeout} must both be at least 1.")
+    if args.chapter is not None:
+        keys = sorted((OUT / "autograder").glob(f"{args.chapter}_*.json"))
+        if len(keys) != 1:
+            raise SystemExit(f"--chapter={args.chapter} matches {len(keys)} answer keys in {OUT / 'autograder'}; run "
+                             "`make assignments` first and give the chapter's two-digit number, e.g. --chapter 02.")
+        args.key = keys[0]
     key = json.loads(args.key.read_text())
-    rows = []
-    for path in args.submissions:
-        results, _ = grade_notebook(nbformat.read(path, as_version=4), key, path.resolve().parent, run=not args.no_run)
-        print(summary(path.name, results), flush=True)
-        rows += [[path.name, r.number, r.title, r.points, r.earned, r.error] for r in results]
+    args.submissions = [p for path in args.submissions for p in (sorted(path.glob("*.ipynb")) if path.is_dir() else [path])]
+    if not args.submissions:
+        raise SystemExit("no submissions found: pass notebooks, or folders that hold .ipynb files.")
+    # each submission is graded in a process of its own (spawned: no state shared with this one), with its own kernel
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {path: pool.submit(grade_path, path, key, not args.no_run, args.timeout) for path in args.submissions}
+        graded = {}
+        for path, future in futures.items():
+            graded[path.name] = future.result()
+            print(summary(path.name, graded[path.name]), flush=True)
+    rows = [[name, r.number, r.title, r.points, r.earned, r.error] for name, results in graded.items() for r in results]
     with args.out.open("w", newline="") as handle:
         csv.writer(handle).writerows([["submission", "exercise", "title", "points", "earned", "error"], *rows])
+    print("\n".join(exercise_summary(key, graded)))
     print(f"wrote {args.out}")
     return 0
 

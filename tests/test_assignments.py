@@ -146,3 +146,67 @@ def test_student_notebook_runs_and_fails_only_at_its_exercises(out, chapter):
         assert index >= first and role, f"cell {index} (not an exercise cell) failed: {error}"
         assert error.split(":")[0] in STUDENT_ERRORS[role], f"{role} cell {index} failed with {error}"
     assert [r.earned for r in results] == [0] * len(results), f"a check passes with no solution: {ma.summary(chapter.name, results)}"
+
+
+def test_stub_hint_also_names_what_the_rest_of_the_cell_reads():
+    ex = ma.Exercise(1, "ridge", check="# CHECK exercise 1\nassert batch > 0")
+    source = "# BEGIN SOLUTION\nridge = 3.0\nbatch = 4\n# END SOLUTION\nprint(ridge, batch)\n"
+    assert "define `ridge`, `batch` here" in ma.stub_solution(source, ex)
+
+
+def test_a_batch_survives_dead_kernels_timeouts_and_malformed_files(tmp_path, capsys):
+    """One submission kills its kernel, one hangs, one is not a notebook: each scores 0 with its reason, and the
+    others are graded; the summary names each exercise's mean and most common error."""
+    chapter = tiny_chapter(tmp_path / "99_tiny.ipynb")
+    assert ma.main([str(chapter), "--out", str(tmp_path / "a")]) == 0
+    student = tmp_path / "a" / "student" / "99_tiny.ipynb"
+
+    def submit(name, first, second):
+        nb = nbformat.read(student, as_version=4)
+        nb.cells[2].source, nb.cells[5].source = first, second
+        nbformat.write(nb, tmp_path / name)
+        return tmp_path / name
+
+    good = submit("good.ipynb", "two = base + 1", "three = base + 2")
+    dead = submit("dead.ipynb", "two = base + 1", "import os\nos._exit(1)")
+    hang = submit("hang.ipynb", "two = base + 1", "import time\ntime.sleep(60)")
+    broken = tmp_path / "broken.ipynb"
+    broken.write_text("{ this is not json")
+    grades = tmp_path / "grades.csv"
+    key = tmp_path / "a" / "autograder" / "99_tiny.json"
+    args = ["grade", "--key", str(key), str(good), str(dead), str(hang), str(broken), "--out", str(grades), "--timeout", "5",
+            "--jobs", "2"]
+    assert ma.main(args) == 0
+    out = capsys.readouterr().out
+    rows = {(r["submission"], r["exercise"]): r for r in csv.DictReader(grades.open())}
+    assert rows["good.ipynb", "1"]["earned"] == rows["good.ipynb", "2"]["earned"] == "1"
+    assert rows["dead.ipynb", "1"]["earned"] == "1" and rows["dead.ipynb", "2"]["earned"] == "0"
+    assert "kernel died" in rows["dead.ipynb", "2"]["error"]
+    assert rows["hang.ipynb", "1"]["earned"] == "1" and rows["hang.ipynb", "2"]["earned"] == "0"
+    assert "longer than 5 s" in rows["hang.ipynb", "2"]["error"]
+    assert all(rows["broken.ipynb", n]["earned"] == "0" and "malformed notebook" in rows["broken.ipynb", n]["error"]
+               for n in ("1", "2"))
+    assert "exercise 1 (add one): mean 0.75/1; most common error (1x): malformed notebook" in out
+    assert "exercise 2 (add two): mean 0.25/1" in out
+
+
+def test_grade_refuses_nonsense_jobs():
+    with pytest.raises(SystemExit, match="--jobs=0"):
+        ma.main(["grade", "--key", "k.json", "x.ipynb", "--jobs", "0"])
+
+
+def test_grade_by_chapter_number_and_folder(tmp_path, monkeypatch, capsys):
+    chapter = tiny_chapter(tmp_path / "99_tiny.ipynb")
+    assert ma.main([str(chapter), "--out", str(tmp_path / "a")]) == 0
+    monkeypatch.setattr(ma, "OUT", tmp_path / "a")
+    folder = tmp_path / "submissions"
+    folder.mkdir()
+    nb = nbformat.read(tmp_path / "a" / "student" / "99_tiny.ipynb", as_version=4)
+    nb.cells[2].source = "two = base + 1"
+    nbformat.write(nb, folder / "carol.ipynb")
+    assert ma.main(["grade", "--chapter", "99", str(folder), "--out", str(folder / "grades.csv"), "--jobs", "1"]) == 0
+    assert "carol.ipynb  1/2" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--chapter=77 matches 0 answer keys"):
+        ma.main(["grade", "--chapter", "77", str(folder)])
+    with pytest.raises(SystemExit, match="no submissions found"):
+        ma.main(["grade", "--chapter", "99", str(tmp_path / "a" / "autograder")])
