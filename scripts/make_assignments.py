@@ -22,6 +22,7 @@ import csv
 import json
 import os
 import re
+import secrets
 import shutil
 import sys
 import textwrap
@@ -244,20 +245,23 @@ def cell_error(cell: nbformat.NotebookNode) -> str:
     return ""
 
 
-def execute(nb: nbformat.NotebookNode, cwd: Path, timeout: int = 900) -> tuple[nbformat.NotebookNode, str, set[int]]:
+def execute(nb: nbformat.NotebookNode, cwd: Path, timeout: int = 900) -> tuple[nbformat.NotebookNode, str, dict[int, str]]:
     """Run ``nb`` top to bottom in a fresh python3 kernel in ``cwd``, errors allowed.
 
     Returns the notebook (cells run so far hold their outputs), ``''`` or the reason the run stopped
-    early (a kernel that died, a cell that ran past ``timeout`` seconds), and the indices of the
-    cells whose execution the kernel completed and acknowledged.
+    early (a kernel that died, a cell that ran past ``timeout`` seconds), and for each cell whose
+    execution the kernel acknowledged, the status of its reply (``"ok"`` or ``"error"``).
     """
     from nbclient import NotebookClient
     from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
-    completed: set[int] = set()
+    completed: dict[int, str] = {}                      # cell index -> the kernel's own reply status
+
+    def acknowledged(cell: nbformat.NotebookNode, cell_index: int, execute_reply: dict) -> None:
+        completed[cell_index] = execute_reply.get("content", {}).get("status", "")
+
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=True,
-                            resources={"metadata": {"path": str(cwd)}},
-                            on_cell_executed=lambda cell, cell_index, execute_reply: completed.add(cell_index))
+                            resources={"metadata": {"path": str(cwd)}}, on_cell_executed=acknowledged)
     try:
         client.execute()
     except DeadKernelError as err:
@@ -274,24 +278,37 @@ def grade_notebook(nb: nbformat.NotebookNode, key: dict, cwd: Path, run: bool = 
     With ``run=False`` the outputs already in ``nb`` are scored: a check passes only when its cell
     is the reference check, was executed and shows no error. A run that stops early (dead kernel,
     timeout) scores the checks it reached and names the reason at the others.
+
+    When it runs the submission, a check passes only if the kernel's own reply to it says ``ok``
+    (a custom exception handler that hides tracebacks does not change that status) and the cell
+    printed a token drawn now, which each reference check prints as its last line (a cell rewritten
+    into ``pass`` by an input transformer never prints it).
     """
-    stopped, completed = "", set()
+    stopped, completed, token = "", {}, f"effnb-check-{secrets.token_hex(8)}"
     if run:
         prepared, where = with_reference_checks(nb, key)
+        for ex in key["exercises"]:
+            prepared.cells[where[ex["number"]]].source = ex["check"] + f"\nprint({token!r})"
         executed, stopped, completed = execute(prepared, cwd, timeout)
     else:
         executed, where = nb, with_reference_checks(nb, key)[1]
     results = []
     for ex in key["exercises"]:
-        cell = executed.cells[where[ex["number"]]]
+        index = where[ex["number"]]
+        cell = executed.cells[index]
+        printed = "".join(o.get("text", "") for o in cell.get("outputs", []) if o.get("output_type") == "stream")
         if cell.source != ex["check"] and not run:
             error = "check cell differs from the reference check"
-        elif stopped and where[ex["number"]] not in completed:      # after an early stop, only acknowledged checks count
-            error = f"check cell was not run: {stopped}"
-        elif cell.get("execution_count") is None:
+        elif run and index not in completed:
+            error = f"check cell was not run: {stopped}" if stopped else "check cell was not run"
+        elif not run and cell.get("execution_count") is None:
             error = "check cell was not run"
         else:
             error = cell_error(cell)
+            if run and not error and completed[index] != "ok":
+                error = "the check failed (its error was hidden from the output)"
+            elif run and not error and token not in printed:
+                error = "the check did not run as written (it never reached its last line)"
         results.append(Result(ex["number"], ex["title"], ex["points"], 0 if error else ex["points"], error))
     return results, executed
 

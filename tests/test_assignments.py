@@ -210,3 +210,21 @@ def test_grade_by_chapter_number_and_folder(tmp_path, monkeypatch, capsys):
         ma.main(["grade", "--chapter", "77", str(folder)])
     with pytest.raises(SystemExit, match="no submissions found"):
         ma.main(["grade", "--chapter", "99", str(tmp_path / "a" / "autograder")])
+
+
+@pytest.mark.parametrize("cheat", [
+    # swallow every error: the stub's NotImplementedError and the failing check leave no error output
+    "get_ipython().set_custom_exc((BaseException,), lambda shell, etype, value, tb, tb_offset=None: None)",
+    # rewrite every later cell that starts with '# CHECK' into 'pass'
+    "get_ipython().input_transformers_cleanup.append(lambda lines: ['pass\\n'] if lines and lines[0].startswith('# CHECK') else lines)",
+])
+def test_cheats_that_hide_errors_or_rewrite_checks_score_zero(tmp_path, capsys, cheat):
+    chapter = tiny_chapter(tmp_path / "99_tiny.ipynb")
+    assert ma.main([str(chapter), "--out", str(tmp_path / "a")]) == 0
+    nb = nbformat.read(tmp_path / "a" / "student" / "99_tiny.ipynb", as_version=4)
+    nb.cells[0].source = "base = 1\n" + cheat          # exercises left as stubs
+    nbformat.write(nb, tmp_path / "mallory.ipynb")
+    key = tmp_path / "a" / "autograder" / "99_tiny.json"
+    assert ma.main(["grade", "--key", str(key), str(tmp_path / "mallory.ipynb"), "--out", str(tmp_path / "g.csv"),
+                    "--jobs", "1"]) == 0
+    assert "mallory.ipynb  0/2" in capsys.readouterr().out
