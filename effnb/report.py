@@ -18,7 +18,7 @@ from typing import Literal
 
 from effnb.config import check_choice
 
-__all__ = ["KINDS", "Claim", "claims_markdown", "load_claims", "record_claim"]
+__all__ = ["KINDS", "Claim", "claims_markdown", "load_claims", "median_range", "record_claim"]
 
 Kind = Literal["claim", "check"]
 KINDS: tuple[str, ...] = ("claim", "check")
@@ -136,3 +136,15 @@ def claims_markdown(claims: list[Claim]) -> str:
         lines.append(f"| {_cell(c.chapter)} | {c.kind} | {_cell(c.claim)} | {mark} | {_cell(c.paper)} | "
                      f"{_cell(c.ours)} | {_cell(c.note)} |")
     return "\n".join(lines) + "\n"
+
+
+def median_range(values, digits: int = 3) -> str:
+    """``"median [min, max]"`` of a sequence of numbers, each with ``digits`` decimals: how a chapter reports
+    a measurement over seeds. Raises ``ValueError`` for an empty sequence. Introduced in Chapter 3."""
+    values = [float(v) for v in values]
+    if not values:
+        raise ValueError("median_range needs at least one value (one per seed).")
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    median = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+    return f"{median:.{digits}f} [{ordered[0]:.{digits}f}, {ordered[-1]:.{digits}f}]"

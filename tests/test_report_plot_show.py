@@ -75,3 +75,11 @@ def test_show_returns_highlighted_source():
     assert "def record_claim" in code.data
     with pytest.raises(TypeError, match="cannot show"):
         show.source(3)
+
+
+def test_median_range_is_median_min_max():
+    from effnb.report import median_range
+    assert median_range([0.5, 0.1, 0.3]) == "0.300 [0.100, 0.500]"
+    assert median_range([1, 2, 3, 4], digits=1) == "2.5 [1.0, 4.0]"
+    with pytest.raises(ValueError, match="at least one value"):
+        median_range([])
