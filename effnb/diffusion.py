@@ -453,12 +453,15 @@ def train_diffusion(model: DiffusionModel, scheduler, x: torch.Tensor, y: torch.
 # ---------------------------------------------------------------------------- sampling
 @torch.no_grad()
 def sample(model: DiffusionModel, scheduler, labels: torch.Tensor, *, num_inference_steps: int = 20,
-           seed: int = 0, batch_size: int = 500) -> torch.Tensor:
+           seed: int = 0, batch_size: int = 500,
+           on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
     r"""Class-conditional samples (N, C, H, W) in [-1, 1] for ``labels`` (N,).
 
     ``scheduler`` is a DDIM scheduler (deterministic, few steps) or a DDPM one (ancestral);
     its timesteps are reset here. Starts from :math:`x_T\sim\mathcal N(0, I)` drawn with ``seed``.
-    Introduced in Chapter 2.
+    ``on_step(i, t, x_t)``, if given, is called before the model sees step ``i`` (0 = the noisiest)
+    of each batch: to record the trajectory, or to route a quantized model to the quantizers of
+    step ``i`` (Chapter 6). Introduced in Chapter 2.
     """
     if num_inference_steps < 1:
         raise ValueError(f"num_inference_steps={num_inference_steps} must be at least 1.")
@@ -473,7 +476,9 @@ def sample(model: DiffusionModel, scheduler, labels: torch.Tensor, *, num_infere
     for start in range(0, len(labels), batch_size):
         y = labels[start:start + batch_size].to(device)
         x = torch.randn((len(y), channels, size, size), generator=generator).to(device)  # x_T
-        for t in scheduler.timesteps:
+        for i, t in enumerate(scheduler.timesteps):
+            if on_step is not None:
+                on_step(i, t, x)
             eps = predict_noise(model, x, t.expand(len(y)).to(device), y)
             x = scheduler.step(eps, t, x, generator=generator).prev_sample
         chunks.append(x.clamp(-1, 1).cpu())

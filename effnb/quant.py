@@ -26,7 +26,7 @@ import math
 import warnings
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -326,6 +326,7 @@ class Quantizer(nn.Module):
         self.percentile, self.grid, self.reservoir_size, self.seed = percentile, grid, reservoir_size, seed
         self.observing, self.enabled = False, True
         self.qparams: QParams | None = None
+        self.step: nn.Parameter | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -357,13 +358,37 @@ class Quantizer(nn.Module):
             raise RuntimeError("this quantizer has observed nothing; run calibrate(model, run) first.")
         self.qparams = _choose(self.reservoir.T, self.min_val, self.max_val, self.bits, self.symmetric,
                                self.axis, self.method, self.percentile, self.grid)
+        self._restart_step()
         return self.qparams
+
+    def _restart_step(self) -> None:
+        """A learned step (if any) restarts from newly computed qparams."""
+        if self.step is not None:
+            with torch.no_grad():
+                self.step.copy_(self.qparams.scale)
 
     def compute_qparams_from(self, x: Tensor) -> QParams:
         """QParams straight from a tensor (a weight): :func:`choose_qparams` with this quantizer's settings."""
         self.qparams = choose_qparams(x, self.bits, self.symmetric, self.axis, self.method,
                                       self.percentile, self.grid)
+        self._restart_step()
         return self.qparams
+
+    def learn_step(self) -> nn.Parameter:
+        r"""Make the step size trainable: a Parameter ``step`` starting at the calibrated scale, used
+        (clamped at float32's eps) in place of ``qparams.scale`` from now on; the zero point stays fixed.
+
+        Through :func:`fake_quantize`'s straight-through estimator its gradient is LSQ's (without
+        LSQ's gradient scaling): :math:`\partial\hat x/\partial s = \mathrm{round}(x/s) - x/s` inside
+        the range, :math:`q_{max} - z` or :math:`q_{min} - z` where clipped. Returns the Parameter
+        (the same one on a second call). Introduced in Chapter 6.
+        """
+        if self.qparams is None:
+            raise RuntimeError("this quantizer has no qparams to start the step from; calibrate first with "
+                               "calibrate(model, run) or quantizer.compute_qparams_from(tensor).")
+        if self.step is None:
+            self.step = nn.Parameter(self.qparams.scale.detach().clone())
+        return self.step
 
     def forward(self, x: Tensor) -> Tensor:
         if self.observing:
@@ -373,7 +398,8 @@ class Quantizer(nn.Module):
         if self.qparams is None:
             raise RuntimeError("this quantizer has no qparams yet; calibrate first with calibrate(model, run) "
                                "or quantizer.compute_qparams_from(tensor).")
-        return fake_quantize(x, self.qparams)
+        qp = self.qparams if self.step is None else replace(self.qparams, scale=self.step.clamp(min=_EPS))
+        return fake_quantize(x, qp)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, symmetric={self.symmetric}, axis={self.axis}, method={self.method!r}"

@@ -359,3 +359,17 @@ def test_a_checkpoint_without_metadata_is_refused_in_one_sentence(tmp_path):
     with pytest.raises(ValueError, match=r"odd\.safetensors lacks the metadata 'kind', 'config' that save_reference "
                                          r"writes; re-create it with `python scripts"):
         D.load_reference("odd", directory=tmp_path)
+
+
+def test_sample_calls_on_step_before_each_model_call_in_order():
+    torch.manual_seed(0)
+    model, ddim = D.tiny_dit("ci"), D.make_scheduler(kind="ddim")
+    calls = []
+    images = D.sample(model, ddim, torch.arange(6), num_inference_steps=4, seed=3, batch_size=4,
+                      on_step=lambda i, t, x: calls.append((i, int(t), x.clone())))
+    assert [i for i, _, _ in calls] == [0, 1, 2, 3] * 2                 # once per step of each batch
+    assert [t for _, t, _ in calls[:4]] == ddim.timesteps.tolist()
+    assert [tuple(x.shape) for _, _, x in calls] == [(4, 1, 8, 8)] * 4 + [(2, 1, 8, 8)] * 4
+    noise = torch.randn((4, 1, 8, 8), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(calls[0][2], noise)                              # step 0 sees x_T itself
+    assert torch.equal(images, D.sample(model, ddim, torch.arange(6), num_inference_steps=4, seed=3, batch_size=4))

@@ -542,3 +542,53 @@ def test_int8_errors_name_the_fix():
         Q.int8_linear(linear, "static", input_qparams=Q.choose_qparams(torch.randn(3, 4), 16), example_input=torch.randn(3, 4))
     with pytest.raises(ValueError, match=r"int8_bytes found no torch int8 Linear; build one with int8_linear\(layer\)\."):
         Q.int8_bytes(linear)
+
+
+# ---------------------------------------------------------------------------- learned activation step (Chapter 6)
+def test_learn_step_keeps_the_output_and_trains_with_the_lsq_gradient():
+    q = Q.Quantizer(bits=3)                                         # asymmetric: codes 0..7
+    x = torch.linspace(-3.0, 5.0, 161)
+    q.compute_qparams_from(x[40:120])                               # range [-1, 3]: both tails clip
+    before = q(x)
+    step = q.learn_step()
+    assert q.learn_step() is step and step.item() == q.qparams.scale.item()
+    assert torch.equal(q(x), before)                                # same values until the step moves
+    assert any(p is step for p in q.parameters())                   # an optimizer finds it
+    q(x).sum().backward()
+    s, z = float(q.qparams.scale), float(q.qparams.zero_point)
+    v = np.round(x.numpy() / s) + z
+    d = np.where(v > 7, 7 - z, np.where(v < 0, 0 - z, np.round(x.numpy() / s) - x.numpy() / s))
+    assert step.grad.item() == pytest.approx(d.sum(), rel=1e-4)
+    assert (v > 7).any() and (v < 0).any()
+
+
+def test_learned_step_is_used_and_restarts_with_new_qparams():
+    q = Q.Quantizer(bits=4)
+    x = randn(200, seed=0)
+    q.compute_qparams_from(x)
+    step = q.learn_step()
+    with torch.no_grad():
+        step.mul_(2.0)
+    doubled = Q.fake_quantize(x, Q.QParams(q.qparams.scale * 2, q.qparams.zero_point, 4, False, None))
+    assert torch.allclose(q(x), doubled)
+    with torch.no_grad():
+        step.fill_(-1.0)                                            # a step below zero is clamped, not used
+    assert torch.isfinite(q(x)).all()
+    q.compute_qparams_from(x * 3)
+    assert step.item() == q.qparams.scale.item()                    # restarts from the new range
+
+
+def test_learn_step_needs_qparams():
+    with pytest.raises(RuntimeError, match="no qparams to start the step from; calibrate first"):
+        Q.Quantizer(bits=4).learn_step()
+
+
+def test_per_step_quantizers_learn_their_own_steps():
+    layer = Q.QuantLinear.from_float(nn.Linear(4, 3), 4, 4, timesteps=2)
+    for i, scale in enumerate((1.0, 10.0)):
+        layer.input_quantizers[i].compute_qparams_from(torch.tensor([-scale, scale]))
+    steps = [q.learn_step() for q in layer.input_quantizer_list()]
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    with Q.timestep_index(nn.Sequential(layer), 1):
+        layer(x).sum().backward()
+    assert steps[0].grad is None and steps[1].grad is not None    # only step 1's quantizer ran
