@@ -24,8 +24,12 @@ import os
 import re
 import secrets
 import shutil
+import signal
+import subprocess
 import sys
+import tempfile
 import textwrap
+import time
 from collections import Counter
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
@@ -245,13 +249,125 @@ def cell_error(cell: nbformat.NotebookNode) -> str:
     return ""
 
 
-def execute(nb: nbformat.NotebookNode, cwd: Path, timeout: int = 900) -> tuple[nbformat.NotebookNode, str, dict[int, str]]:
-    """Run ``nb`` top to bottom in a fresh python3 kernel in ``cwd``, errors allowed.
+# --- the sandbox a submission runs in -----------------------------------------------------------
 
-    Returns the notebook (cells run so far hold their outputs), ``''`` or the reason the run stopped
-    early (a kernel that died, a cell that ran past ``timeout`` seconds), and for each cell whose
-    execution the kernel acknowledged, the status of its reply (``"ok"`` or ``"error"``).
+def _works(command: list[str]) -> bool:
+    """Whether ``command`` runs and exits 0 here (within 20 s)."""
+    try:
+        return subprocess.run(command, capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+_SANDBOX: dict[tuple, tuple[list[str], list[str]]] = {}
+
+
+def sandbox(memory_gb: float) -> tuple[list[str], list[str]]:
+    """The command put in front of the kernel's, and what this machine could not provide.
+
+    In order: a new network namespace, so no address outside the kernel is reachable (``unshare --net``
+    as root, ``unshare -rn`` in a user namespace otherwise); a limit on the kernel's address space
+    (``prlimit --as``), and, as root, on the processes it may start; and, when the grader runs as root,
+    the unprivileged user ``nobody``, so a submission cannot write the grader's files (the answer key,
+    other submissions, the CSV). Each part is tried once per process and left out, with a note, where
+    the machine refuses it (a container without namespaces, a venv that ``nobody`` cannot read).
     """
+    cache = (memory_gb, sys.executable)
+    if cache in _SANDBOX:
+        return _SANDBOX[cache]
+    prefix, missing = [], []
+    # the kernel's Python must start as itself: same stdlib (a venv whose base lies in an unreadable home would
+    # otherwise fall back to another one) and able to start itself again
+    probe = [sys.executable, "-c", f"import sys, subprocess, nbformat, ipykernel; assert sys.base_prefix == "
+             f"{sys.base_prefix!r}; subprocess.run([sys.executable, '-c', ''], check=True)"]
+    root = os.geteuid() == 0 if hasattr(os, "geteuid") else False
+    for net in (["unshare", "--net", "--"], ["unshare", "-rn", "--"]):
+        if shutil.which("unshare") and _works(net + probe):
+            prefix += net
+            break
+    else:
+        missing.append("network isolation (unshare refused here)")
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+    drop = root and "-rn" not in prefix and bool(shutil.which("setpriv")) and _works(prefix + nobody + probe)
+    if memory_gb > 0 and shutil.which("prlimit"):
+        prefix += ["prlimit", f"--as={int(memory_gb * 2**30)}"] + (["--nproc=4096"] if drop else []) + ["--"]
+    elif memory_gb > 0:
+        missing.append("a memory limit (no prlimit)")
+    if drop:
+        prefix += nobody
+    else:
+        missing.append("an unprivileged user (" + ("user nobody cannot run this Python" if root else
+                                                   "the grader does not run as root") + ")")
+    _SANDBOX[cache] = (prefix, missing)
+    return prefix, missing
+
+
+def _become_subreaper() -> None:
+    """Make this process inherit every orphaned descendant (Linux ``PR_SET_CHILD_SUBREAPER``), so that a
+    process a submission detaches (double fork, new session) stays below it, to be found and killed."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Live (not zombie) processes below ``pid``, read from /proc; [] where there is no /proc."""
+    children: dict[int, list[int]] = {}
+    states: dict[int, str] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            after_name = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        states[int(entry.name)] = after_name[0]
+        children.setdefault(int(after_name[1]), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            todo.append(child)
+            if states.get(child) != "Z":
+                found.append(child)
+    return found
+
+
+def kill_descendants() -> int:
+    """SIGKILL every process below this one until none is left, reaping them; returns how many were killed."""
+    killed = 0
+    for _ in range(100):
+        pids = _descendants(os.getpid())
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+            except (ProcessLookupError, PermissionError):
+                pass
+        time.sleep(0.05)
+        while True:                                     # reap what was killed (they are our children now)
+            try:
+                if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                    break
+            except ChildProcessError:
+                break
+        if not pids:
+            break
+    return killed
+
+
+def execute(nb: nbformat.NotebookNode, cwd: Path, timeout: int = 900, prefix: list[str] | None = None,
+            ) -> tuple[nbformat.NotebookNode, str, dict[int, str]]:
+    """Run ``nb`` top to bottom in a fresh Python kernel in ``cwd``, errors allowed.
+
+    The kernel talks to this process over Unix sockets (they work across a network namespace). With a
+    ``prefix`` (see :func:`sandbox`; ``cwd`` is then a throwaway folder) it goes in front of the
+    kernel's command, the kernel's files, home and caches live in ``cwd/.kernel``, and, when ``cwd``
+    belongs to ``nobody``, so do they. Returns the notebook
+    (cells run so far hold their outputs), ``''`` or the reason the run stopped early (a kernel that
+    died, a cell that ran past ``timeout`` seconds), and for each cell whose execution the kernel
+    acknowledged, the status of its reply (``"ok"`` or ``"error"``).
+    """
+    from jupyter_client import AsyncKernelManager
+    from jupyter_client.kernelspec import KernelSpecManager
     from nbclient import NotebookClient
     from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
@@ -260,19 +376,51 @@ def execute(nb: nbformat.NotebookNode, cwd: Path, timeout: int = 900) -> tuple[n
     def acknowledged(cell: nbformat.NotebookNode, cell_index: int, execute_reply: dict) -> None:
         completed[cell_index] = execute_reply.get("content", {}).get("status", "")
 
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=True,
+    sandboxed = prefix is not None
+    runtime = cwd / ".kernel" if sandboxed else Path(tempfile.mkdtemp(prefix="effnb-kernel-"))
+    spec = runtime / "kernels" / "effnb-grade"
+    spec.mkdir(parents=True, exist_ok=True)
+    argv = [*(prefix or []), sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "grader", "language": "python"}))
+    km = AsyncKernelManager(kernel_name="effnb-grade", transport="ipc", ip=str(runtime / "ipc"),
+                       kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(spec.parent)]))
+    km.connection_file = str(runtime / "connection.json")
+    km.write_connection_file()
+    env = dict(os.environ)
+    if sandboxed:
+        env.update({name: str(runtime) for name in ("HOME", "IPYTHONDIR", "TMPDIR")}, HF_HUB_OFFLINE="1",
+                   EFFNB_PROGRESS="0", MPLCONFIGDIR=str(runtime / "matplotlib"))
+        _copy_font_cache(runtime / "matplotlib")           # else matplotlib rebuilds it in every kernel
+        if hasattr(os, "geteuid") and os.geteuid() == 0:  # the kernel's user owns cwd: hand it its files
+            owner = cwd.stat()
+            for path in runtime.rglob("*"):
+                os.chown(path, owner.st_uid, owner.st_gid)
+            os.chown(runtime, owner.st_uid, owner.st_gid)
+    client = NotebookClient(nb, km=km, timeout=timeout, allow_errors=True,
                             resources={"metadata": {"path": str(cwd)}}, on_cell_executed=acknowledged)
+    client.owns_km = True                               # so it shuts the kernel down as it does its own
     try:
-        client.execute()
+        client.execute(env=env)
     except DeadKernelError as err:
         return nb, f"the kernel died ({str(err).splitlines()[0][:120]})", completed
     except CellTimeoutError:
         return nb, f"a cell ran longer than {timeout} s", completed
+    finally:
+        if not sandboxed:
+            shutil.rmtree(runtime, ignore_errors=True)
     return nb, "", completed
 
 
-def grade_notebook(nb: nbformat.NotebookNode, key: dict, cwd: Path, run: bool = True,
-                   timeout: int = 900) -> tuple[list[Result], nbformat.NotebookNode]:
+def _copy_font_cache(target: Path) -> None:
+    """Copy this user's matplotlib font list (if any) to ``target``, a fresh MPLCONFIGDIR."""
+    target.mkdir(parents=True, exist_ok=True)
+    cache = Path(os.environ.get("MPLCONFIGDIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "matplotlib")
+    for font_list in cache.glob("fontlist-*.json"):
+        shutil.copy(font_list, target / font_list.name)
+
+
+def grade_notebook(nb: nbformat.NotebookNode, key: dict, cwd: Path, run: bool = True, timeout: int = 900,
+                   prefix: list[str] | None = None) -> tuple[list[Result], nbformat.NotebookNode]:
     """Grade one submission against ``key``; return the results and the (executed) notebook.
 
     With ``run=False`` the outputs already in ``nb`` are scored: a check passes only when its cell
@@ -289,7 +437,7 @@ def grade_notebook(nb: nbformat.NotebookNode, key: dict, cwd: Path, run: bool = 
         prepared, where = with_reference_checks(nb, key)
         for ex in key["exercises"]:
             prepared.cells[where[ex["number"]]].source = ex["check"] + f"\nprint({token!r})"
-        executed, stopped, completed = execute(prepared, cwd, timeout)
+        executed, stopped, completed = execute(prepared, cwd, timeout, prefix)
     else:
         executed, where = nb, with_reference_checks(nb, key)[1]
     results = []
@@ -320,14 +468,34 @@ def summary(name: str, results: list[Result]) -> str:
     return f"{name}  {earned}/{total}  " + ", ".join(parts)
 
 
-def grade_path(path: Path, key: dict, run: bool = True, timeout: int = 900) -> list[Result]:
-    """Grade the submission file ``path``; a file that is not a readable notebook scores 0 with the reason."""
+def grade_text(text: str, key: dict, run: bool = True, timeout: int = 900, memory_gb: float = 8.0) -> list[Result]:
+    """Grade one submission, given as the text of its file; text that is not a notebook scores 0 with the reason.
+
+    It runs in :func:`sandbox`, from a throwaway folder (owned by ``nobody`` when the kernel runs as
+    ``nobody``), and every process it started, detached or not, is killed before this returns.
+    """
     try:
-        nb = nbformat.read(path, as_version=4)
+        nb = nbformat.reads(text, as_version=4)
     except Exception as err:  # noqa: BLE001 - any unreadable file is the submission's fault, not the batch's
         reason = f"malformed notebook: {type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
         return [Result(ex["number"], ex["title"], ex["points"], 0, reason) for ex in key["exercises"]]
-    return grade_notebook(nb, key, path.resolve().parent, run=run, timeout=timeout)[0]
+    if not run:
+        return grade_notebook(nb, key, Path.cwd(), run=False)[0]
+    _become_subreaper()
+    prefix, _ = sandbox(memory_gb)
+    work = Path(tempfile.mkdtemp(prefix="effnb-grade-"))
+    try:
+        if "--reuid=65534" in prefix:
+            os.chown(work, 65534, 65534)
+        return grade_notebook(nb, key, work, True, timeout, prefix)[0]
+    finally:
+        kill_descendants()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def grade_path(path: Path, key: dict, run: bool = True, timeout: int = 900, memory_gb: float = 8.0) -> list[Result]:
+    """Grade the submission file ``path`` (see :func:`grade_text`)."""
+    return grade_text(path.read_bytes().decode("utf-8", errors="replace"), key, run, timeout, memory_gb)
 
 
 def exercise_summary(key: dict, graded: dict[str, list[Result]]) -> list[str]:
@@ -353,9 +521,12 @@ def grade_main(argv: list[str]) -> int:
     parser.add_argument("--no-run", action="store_true", help="score the outputs already in the submissions")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="submissions graded at once (default: cores)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds one cell may run before the submission stops")
+    parser.add_argument("--memory", type=float, default=8.0, help="GB of address space a submission's kernel may use "
+                        "(0: no limit)")
     args = parser.parse_args(argv)
-    if args.jobs < 1 or args.timeout < 1:
-        raise SystemExit(f"--jobs={args.jobs} and --timeout={args.timeout} must both be at least 1.")
+    if args.jobs < 1 or args.timeout < 1 or args.memory < 0:
+        raise SystemExit(f"--jobs={args.jobs} and --timeout={args.timeout} must both be at least 1, and "
+                         f"--memory={args.memory} at least 0.")
     if args.chapter is not None:
         keys = sorted((OUT / "autograder").glob(f"{args.chapter}_*.json"))
         if len(keys) != 1:
@@ -366,9 +537,16 @@ def grade_main(argv: list[str]) -> int:
     args.submissions = [p for path in args.submissions for p in (sorted(path.glob("*.ipynb")) if path.is_dir() else [path])]
     if not args.submissions:
         raise SystemExit("no submissions found: pass notebooks, or folders that hold .ipynb files.")
-    # each submission is graded in a process of its own (spawned: no state shared with this one), with its own kernel
+    # every file is read before any submission runs, so that none can change another's file before it is graded
+    texts = {path: path.read_bytes().decode("utf-8", errors="replace") for path in args.submissions}
+    if not args.no_run:
+        prefix, missing = sandbox(args.memory)
+        print(f"sandbox: {' '.join(prefix) or 'none'}" + (f"; not available here: {', '.join(missing)}" if missing else ""))
+    # each submission is graded in a process of its own (spawned: no state shared with this one), with its own kernel;
+    # the CSV is written below, by this process alone, after every submission's processes have been killed
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {path: pool.submit(grade_path, path, key, not args.no_run, args.timeout) for path in args.submissions}
+        futures = {path: pool.submit(grade_text, texts[path], key, not args.no_run, args.timeout, args.memory)
+                   for path in args.submissions}
         graded = {}
         for path, future in futures.items():
             graded[path.name] = future.result()

@@ -7,9 +7,11 @@ execution of chapter 0 with the same key; so no chapter runs more than twice in 
 """
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import sys
+import time
 from pathlib import Path
 
 import nbformat
@@ -94,20 +96,25 @@ def test_output_over_the_sources_is_refused(capsys):
     assert "sources are never overwritten" in capsys.readouterr().err
 
 
-def tiny_chapter(path: Path) -> Path:
-    """A two-exercise notebook that runs in a second."""
-    nb = nbformat.v4.new_notebook(cells=[
-        nbformat.v4.new_code_cell("base = 1"),
-        nbformat.v4.new_markdown_cell("## Exercises\n\n### Exercise 1: add one\n\nStore `base + 1` in `two`."),
-        nbformat.v4.new_code_cell("# BEGIN SOLUTION\ntwo = base + 1\n# END SOLUTION"),
-        nbformat.v4.new_code_cell("# CHECK exercise 1\nassert two == 2, f'two={two}'"),
-        nbformat.v4.new_markdown_cell("### Exercise 2: add two\n\nStore `base + 2` in `three`."),
-        nbformat.v4.new_code_cell("# BEGIN SOLUTION\nthree = base + 2\n# END SOLUTION"),
-        nbformat.v4.new_code_cell("# CHECK exercise 2\nassert three == 3"),
-    ])
+def exercise_chapter(path: Path, exercises: list[tuple[str, str, str, str]]) -> Path:
+    """A notebook in the book's exercise format that runs in a second: ``base = 1``, then per exercise
+    (title, task, solution, check) its heading, solution cell and check cell (cells 1-3, 4-6, ...)."""
+    cells = [nbformat.v4.new_code_cell("base = 1")]
+    for number, (title, task, solution, check) in enumerate(exercises, 1):
+        heading = ("## Exercises\n\n" if number == 1 else "") + f"### Exercise {number}: {title}\n\n{task}"
+        cells += [nbformat.v4.new_markdown_cell(heading),
+                  nbformat.v4.new_code_cell(f"# BEGIN SOLUTION\n{solution}\n# END SOLUTION"),
+                  nbformat.v4.new_code_cell(f"# CHECK exercise {number}\n{check}")]
+    nb = nbformat.v4.new_notebook(cells=cells)
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, path)
     return path
+
+
+def tiny_chapter(path: Path) -> Path:
+    """Two exercises: store base + 1, store base + 2."""
+    return exercise_chapter(path, [("add one", "Store `base + 1` in `two`.", "two = base + 1", "assert two == 2, f'two={two}'"),
+                                   ("add two", "Store `base + 2` in `three`.", "three = base + 2", "assert three == 3")])
 
 
 def test_grader_uses_the_reference_checks_and_writes_a_csv(tmp_path, capsys):
@@ -228,3 +235,77 @@ def test_cheats_that_hide_errors_or_rewrite_checks_score_zero(tmp_path, capsys, 
     assert ma.main(["grade", "--key", str(key), str(tmp_path / "mallory.ipynb"), "--out", str(tmp_path / "g.csv"),
                     "--jobs", "1"]) == 0
     assert "mallory.ipynb  0/2" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------ the red-team set
+def redteam_chapter(path: Path) -> Path:
+    """Two exercises; the second's check draws its inputs at grading time."""
+    return exercise_chapter(path, [
+        ("add one", "Store `base + 1` in `two`.", "two = base + 1", "assert two == 2, f'two={two}'"),
+        ("add", "Write `add(a, b)`; `add(1, 2)` is 3.", "def add(a, b):\n    return a + b",
+         "import random\na, b = random.random(), random.random()  # drawn afresh each time the check runs\n"
+         "assert add(a, b) == a + b")])
+
+
+SOLVED = ("two = base + 1", "def add(a, b):\n    return a + b")
+
+
+def test_the_red_team_set_scores_what_the_work_deserves(tmp_path, capsys):
+    """Twelve submissions, graded in one batch: each scores what it solved, a crash, hang or memory hog costs only
+    itself, and a process started to rewrite the results is dead before the CSV is written."""
+    import socket
+
+    chapter = redteam_chapter(tmp_path / "98_redteam.ipynb")
+    assert ma.main([str(chapter), "--out", str(tmp_path / "a")]) == 0
+    student = nbformat.read(tmp_path / "a" / "student" / "98_redteam.ipynb", as_version=4)
+    grades, marker = tmp_path / "grades.csv", tmp_path / "survivor-was-here"
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    later = f"import time; time.sleep(4); open({str(grades)!r}, 'w').write('all full marks'); open({str(marker)!r}, 'w')"
+    rewrite = f"import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', {later!r}], start_new_session=True)\n"
+    swallow = "get_ipython().set_custom_exc((BaseException,), lambda shell, etype, value, tb, tb_offset=None: None)\n"
+    transform = ("get_ipython().input_transformers_cleanup.append(lambda lines: ['pass\\n'] if lines and "
+                 "lines[0].startswith('# CHECK') else lines)\n")
+    submissions = {              # name: (cell 0 prefix, exercise 1, exercise 2, check 1 replaced by) -> expected points
+        "correct": (("", *SOLVED, None), (1, 1)),
+        "wrong": (("", "two = base + 2", SOLVED[1], None), (0, 1)),
+        "blank": (("", None, None, None), (0, 0)),
+        "hard-coded": (("", "two = 2", "def add(a, b):\n    return 3", None), (1, 0)),
+        "swallowed errors": ((swallow, None, None, None), (0, 0)),
+        "rewritten check": (("", None, SOLVED[1], "# CHECK exercise 1\nassert True"), (0, 1)),
+        "input transformer": ((transform, None, None, None), (0, 0)),
+        "detached rewriter": ((rewrite, *SOLVED, None), (1, 1)),
+        "os._exit": (("", SOLVED[0], "import os\nos._exit(1)", None), (1, 0)),
+        "infinite loop": (("", SOLVED[0], "while True:\n    pass", None), (1, 0)),
+        "memory hog": (("", SOLVED[0], "hog = bytearray(3 * 2**30)\n" + SOLVED[1], None), (1, 0)),
+        "network": (("", f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=3)\n" + SOLVED[0],
+                     SOLVED[1], None), (0, 1)),
+    }
+    paths = []
+    for name, ((prefix, first, second, check), _) in submissions.items():
+        nb = copy.deepcopy(student)
+        nb.cells[0].source = prefix + nb.cells[0].source
+        if first is not None:
+            nb.cells[2].source = first
+        if second is not None:
+            nb.cells[5].source = second
+        if check is not None:
+            nb.cells[3].source = check
+        paths.append(tmp_path / f"{name}.ipynb")
+        nbformat.write(nb, paths[-1])
+    key = tmp_path / "a" / "autograder" / "98_redteam.json"
+    assert ma.main(["grade", "--key", str(key), *map(str, paths), "--out", str(grades), "--timeout", "10",
+                    "--memory", "2", "--jobs", "2"]) == 0
+    out = capsys.readouterr().out
+    listener.close()
+    time.sleep(6)                                      # longer than the rewriter would have waited
+    rows = {(r["submission"], int(r["exercise"])): int(r["earned"]) for r in csv.DictReader(grades.open())}
+    isolated_network = "sandbox: unshare" in out
+    for name, (_, expected) in submissions.items():
+        if name == "network" and not isolated_network:
+            continue                                   # no network namespace here: nothing to assert
+        assert (rows[f"{name}.ipynb", 1], rows[f"{name}.ipynb", 2]) == expected, f"{name}: {out}"
+    assert not marker.exists(), "a process started by a submission outlived its grading"
+    assert "a cell ran longer than 10 s" in out and "kernel died" in out
