@@ -6,9 +6,10 @@
 
 A chapter's exercise is a markdown heading ``### Exercise N: title``, a code cell with the solution
 between ``# BEGIN SOLUTION`` and ``# END SOLUTION``, and a check cell whose first line is
-``# CHECK exercise N`` (plain asserts). The student notebook replaces each solution by a stub that
-raises ``NotImplementedError`` with a hint; the answer key (JSON) holds each exercise's reference
-check. Grading runs a submission top to bottom in a fresh kernel (nbclient, errors allowed) with the
+``# CHECK exercise N`` (plain asserts); the lines after a ``# HIDDEN TESTS`` line in a check cell
+are hidden tests. The student notebook replaces each solution by a stub that raises
+``NotImplementedError`` with a hint, and each check's hidden tests by one line saying how many
+there are; the answer key (JSON) holds each exercise's whole reference check. Grading runs a submission top to bottom in a fresh kernel (nbclient, errors allowed) with the
 reference checks put back in place of the submitted ones; an exercise scores when its check runs
 without an error. This file needs only nbformat and nbclient, so it is copied next to the keys as
 ``grade.py`` and runs there on its own. The sources in notebooks/ are never written.
@@ -44,6 +45,7 @@ HEADING = re.compile(r"^#{2,4}\s*Exercise\s+(\d+)\s*[:.]\s*(.+?)\s*$", re.MULTIL
 CHECK = re.compile(r"^# CHECK exercise (\d+)\s*$")
 SOLUTION = re.compile(r"^([ \t]*)# BEGIN SOLUTION[^\n]*\n(.*?)^[ \t]*# END SOLUTION[^\n]*$", re.MULTILINE | re.DOTALL)
 META = "effnb"  # cell metadata key marking solution and check cells in student notebooks
+HIDDEN = re.compile(r"^[ \t]*# HIDDEN TESTS[^\n]*$", re.MULTILINE)
 
 
 @dataclass
@@ -147,6 +149,30 @@ def stub_solution(source: str, exercise: Exercise) -> str:
     return SOLUTION.sub(stub, source)
 
 
+def split_check(source: str) -> tuple[str, str]:
+    """A check cell's visible part and its hidden tests (the lines after ``# HIDDEN TESTS``; '' if none)."""
+    match = HIDDEN.search(source)
+    return (source, "") if match is None else (source[:match.start()].rstrip("\n"), source[match.end():].strip("\n"))
+
+
+def count_asserts(code: str) -> int:
+    """How many ``assert`` statements ``code`` holds (what the student notebook counts as tests)."""
+    try:
+        return sum(isinstance(node, ast.Assert) for node in ast.walk(ast.parse(code)))
+    except SyntaxError:
+        return 0
+
+
+def student_check(source: str) -> str:
+    """A check cell as students see it: the visible part, and one line saying how many hidden tests run at grading."""
+    visible, hidden = split_check(source)
+    if not hidden:
+        return source
+    count = count_asserts(hidden)
+    return (f"{visible}\n# + {count} hidden test{'s' if count != 1 else ''}, run when this notebook is graded, on "
+            "inputs drawn then")
+
+
 # --- making assignments ------------------------------------------------------------------------
 
 def student_notebook(nb: nbformat.NotebookNode, exercises: list[Exercise]) -> nbformat.NotebookNode:
@@ -157,6 +183,7 @@ def student_notebook(nb: nbformat.NotebookNode, exercises: list[Exercise]) -> nb
         for index in ex.solution_cells:
             student.cells[index].source = stub_solution(student.cells[index].source, ex)
             student.cells[index].metadata[META] = {"exercise": ex.number, "role": "solution"}
+        student.cells[ex.check_cell].source = student_check(student.cells[ex.check_cell].source)
         student.cells[ex.check_cell].metadata[META] = {"exercise": ex.number, "role": "check"}
     for cell in student.cells:
         for key in ("papermill", "execution"):

@@ -66,7 +66,8 @@ def test_student_notebook_has_stubs_instead_of_solutions(out, chapter):
     assert all(not c.outputs and c.execution_count is None for c in student.cells if c.cell_type == "code")
     checks = [c.source for c in student.cells if c.metadata.get("effnb", {}).get("role") == "check"]
     key = json.loads((out / "autograder" / f"{chapter.stem}.json").read_text())
-    assert checks == [ex["check"] for ex in key["exercises"]], "student check cells differ from the key"
+    assert checks == [ma.student_check(ex["check"]) for ex in key["exercises"]], "student check cells differ from the key"
+    assert not any("# HIDDEN TESTS" in c for c in checks), "a hidden test reached the student notebook"
 
 
 def test_stub_keeps_indentation_and_names_what_the_check_reads():
@@ -309,3 +310,26 @@ def test_the_red_team_set_scores_what_the_work_deserves(tmp_path, capsys):
         assert (rows[f"{name}.ipynb", 1], rows[f"{name}.ipynb", 2]) == expected, f"{name}: {out}"
     assert not marker.exists(), "a process started by a submission outlived its grading"
     assert "a cell ran longer than 10 s" in out and "kernel died" in out
+
+
+def test_hidden_tests_are_kept_in_the_key_and_counted_in_the_student_notebook(tmp_path):
+    check = "assert add(1, 2) == 3\n# HIDDEN TESTS\nimport random\nx = random.random()\nassert add(x, 1) == x + 1\nassert add(0, x) == x"
+    chapter = exercise_chapter(tmp_path / "97_hidden.ipynb", [("add", "Write `add(a, b)`.", "def add(a, b):\n    return a + b", check)])
+    student, key = ma.make_assignment(chapter, tmp_path / "a")
+    shown = nbformat.read(student, as_version=4).cells[3].source
+    assert shown == "# CHECK exercise 1\nassert add(1, 2) == 3\n# + 2 hidden tests, run when this notebook is graded, on inputs drawn then"
+    assert json.loads(key.read_text())["exercises"][0]["check"] == f"# CHECK exercise 1\n{check}"
+    assert ma.split_check("assert True") == ("assert True", "")
+
+
+# Exercises whose checks have no hidden tests yet (issue 17). Every other exercise, and every new chapter's, must have
+# them; this list may only shrink, and the test fails when an exercise on it gains hidden tests, to keep it true.
+NO_HIDDEN_TESTS_YET = {"05_ptq4dit": {1, 2, 3}, "07_bimtdp": {3}, "08_fbpt": {3}}
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda p: p.stem)
+def test_every_exercise_has_hidden_tests(chapter):
+    exercises = ma.parse_exercises(nbformat.read(chapter, as_version=4), chapter.name)
+    without = {ex.number for ex in exercises if ma.count_asserts(ma.split_check(ex.check)[1]) == 0}
+    assert without == NO_HIDDEN_TESTS_YET.get(chapter.stem, set()), \
+        f"{chapter.stem}: exercises {sorted(without)} have no assert after a '# HIDDEN TESTS' line in their check cell"
