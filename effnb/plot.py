@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import matplotlib as mpl
 import matplotlib.pyplot as plt
+import torch
 
 from effnb.config import check_choice
 
-__all__ = ["COLORS", "color", "new_figure", "use_style"]
+__all__ = ["COLORS", "color", "new_figure", "sample_grid", "use_style"]
 
 # Colour-blind-safe (Okabe-Ito). Keys are roles, so that chapters agree.
 COLORS: dict[str, str] = {
@@ -55,8 +56,25 @@ def color(role: str) -> str:
     return COLORS[role]
 
 
-def new_figure(ncols: int = 1, width: float = 6.4, height: float = 3.6):
-    """A styled figure with ``ncols`` side-by-side axes; returns ``(fig, axes)``."""
+def new_figure(ncols: int = 1, width: float = 6.4, height: float = 3.6, nrows: int = 1):
+    """A styled figure with ``nrows`` × ``ncols`` axes (constrained layout); returns ``(fig, axes)``."""
     use_style()
-    fig, axes = plt.subplots(1, ncols, figsize=(width, height), layout="constrained")
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, height), layout="constrained")
     return fig, axes
+
+
+def sample_grid(ax, samples, labels, title: str, per_class: int = 3, classes: int = 10) -> None:
+    """Draw class-conditional samples as a grid: one column per class ``0..classes-1``, ``per_class``
+    rows (fewer if some class has fewer samples), from ``samples`` (N, C, H, W) in [-1, 1] (the first
+    channel is drawn, grey) asked for ``labels`` (N,). Introduced in Chapter 5."""
+    counts = [int((labels == c).sum()) for c in range(classes)]
+    per_class = min(per_class, *counts)
+    if per_class < 1:
+        raise ValueError(f"sample_grid needs at least one sample of every class 0..{classes - 1}; the counts are {counts}.")
+    idx = torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in range(classes)])
+    h, w = samples.shape[-2:]
+    images = samples[idx, 0].reshape(classes, per_class, h, w).permute(1, 2, 0, 3).reshape(per_class * h, classes * w)
+    ax.imshow(images.detach().cpu().numpy(), cmap="gray_r", vmin=-1, vmax=1)
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])

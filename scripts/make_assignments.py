@@ -520,11 +520,6 @@ def grade_text(text: str, key: dict, run: bool = True, timeout: int = 900, memor
         shutil.rmtree(work, ignore_errors=True)
 
 
-def grade_path(path: Path, key: dict, run: bool = True, timeout: int = 900, memory_gb: float = 8.0) -> list[Result]:
-    """Grade the submission file ``path`` (see :func:`grade_text`)."""
-    return grade_text(path.read_bytes().decode("utf-8", errors="replace"), key, run, timeout, memory_gb)
-
-
 def exercise_summary(key: dict, graded: dict[str, list[Result]]) -> list[str]:
     """Per exercise: mean points over the submissions and the most common error."""
     lines = []

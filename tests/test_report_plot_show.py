@@ -68,6 +68,23 @@ def test_colours_are_stable_and_unknown_roles_fail():
         plot.color("fancy")
     fig, axes = plot.new_figure(ncols=2)
     assert len(axes) == 2 and fig.get_dpi() == 100
+    assert plot.new_figure(ncols=2, nrows=3)[1].shape == (3, 2)
+
+
+def test_sample_grid_puts_each_class_in_its_column():
+    import torch
+
+    labels = torch.arange(30) % 10                                      # three of each class
+    samples = (labels.float() / 10).view(30, 1, 1, 1).expand(30, 1, 2, 3)  # class c is the constant c / 10
+    fig, ax = plot.new_figure()
+    plot.sample_grid(ax, samples, labels, "t", per_class=5)              # only 3 per class exist
+    image = ax.images[0].get_array()
+    assert image.shape == (3 * 2, 10 * 3)
+    for c in range(10):                                                 # columns 3c..3c+2 hold class c only
+        block = image[:, 3 * c:3 * c + 3]
+        assert abs(float(block.min()) - c / 10) < 1e-6 and abs(float(block.max()) - c / 10) < 1e-6, c
+    with pytest.raises(ValueError, match="at least one sample of every class"):
+        plot.sample_grid(ax, samples[:5], labels[:5], "t")
 
 
 def test_show_returns_highlighted_source():
