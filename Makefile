@@ -12,7 +12,7 @@ env: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "installing the pinned stack into $(VENV)/ (about two minutes the first time) ..."
-	$(BIN)/python -m pip install -qq --disable-pip-version-check -c constraints.txt -e ".[book,test]"
+	$(BIN)/python -m pip install -qq --disable-pip-version-check -c constraints.txt -e ".[book,test,otter]"
 	@touch $(STAMP)
 
 book: $(STAMP)  ## execute every chapter (ci profile) into _build and render _build/html
@@ -39,8 +39,9 @@ outputs: $(STAMP)  ## re-execute the chapters and store their ci outputs in note
 benchmark: $(STAMP)  ## time every chapter (ci profile) and write book/runtimes.md
 	$(BIN)/python scripts/run_notebooks.py --out _build/benchmark --runtimes book/runtimes.md
 
-assignments: $(STAMP)  ## student notebooks and autograders of every chapter into _build/assignments
-	$(BIN)/python scripts/make_assignments.py
+FORMAT ?= native
+assignments: $(STAMP)  ## student notebooks and autograders of every chapter into _build/assignments (FORMAT=otter: otter-grader's format)
+	$(BIN)/python scripts/make_assignments.py --format $(FORMAT)
 
 grade: $(STAMP)  ## grade SUBMISSIONS=folder of student notebooks against CHAPTER=NN (writes folder/grades.csv)
 	@test -n "$(SUBMISSIONS)" && test -n "$(CHAPTER)" || { echo "usage: make grade SUBMISSIONS=folder CHAPTER=NN, e.g. make grade SUBMISSIONS=submissions CHAPTER=02"; exit 2; }

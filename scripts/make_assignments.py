@@ -130,11 +130,13 @@ def used_names(code: str) -> set[str]:
     return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
 
 
-def stub_solution(source: str, exercise: Exercise) -> str:
+def stub_solution(source: str, exercise: Exercise, otter: bool = False) -> str:
     """``source`` with each BEGIN/END SOLUTION block replaced by a stub raising NotImplementedError.
 
     The hint names the solution's definitions that the check cell or the rest of the cell reads
-    (all of them if none), so that the code kept after the stub runs once they are defined.
+    (all of them if none), so that the code kept after the stub runs once they are defined. With
+    ``otter``, the solution stays, marked for otter-grader to remove, followed by the stub as otter's
+    prompt (a string in the solution, code in the student notebook).
     """
     needed = used_names(exercise.check) | used_names(SOLUTION.sub("", source))
 
@@ -144,7 +146,11 @@ def stub_solution(source: str, exercise: Exercise) -> str:
         names = [n for n in defined if n in needed] or defined
         goal = f"define {', '.join(f'`{n}`' for n in names)}" if names else "write your solution"
         hint = f"Exercise {exercise.number} ({exercise.title}): {goal} here, then run the check cell below."
-        return f"{indent}# YOUR CODE HERE\n{indent}raise NotImplementedError({hint!r})"
+        prompt = f"{indent}# YOUR CODE HERE\n{indent}raise NotImplementedError({hint!r})"
+        if not otter:
+            return prompt
+        return (f"{indent}# BEGIN SOLUTION NO PROMPT\n{body}{indent}# END SOLUTION\n"
+                f'{indent}""" # BEGIN PROMPT\n{prompt}\n{indent}""" # END PROMPT')
 
     return SOLUTION.sub(stub, source)
 
@@ -228,6 +234,11 @@ def make_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("notebooks", nargs="*", type=Path, help="default: every chapter in _toc.yml")
     parser.add_argument("--out", type=Path, default=OUT, help="output folder (default _build/assignments)")
+    parser.add_argument("--format", choices=["native", "otter"], default="native",
+                        help="native: student notebooks + JSON keys for grade.py; otter: otter-grader master "
+                             "notebooks and `otter assign` output (needs the `otter` extra)")
+    parser.add_argument("--run-tests", action="store_true", help="otter: run each chapter's tests on its "
+                        "solutions while assigning (executes the chapter)")
     args = parser.parse_args(argv)
     out = args.out.resolve()
     if out == (ROOT / "notebooks").resolve():
@@ -235,13 +246,132 @@ def make_main(argv: list[str]) -> int:
     for notebook in [p.resolve() for p in args.notebooks] or chapters():
         if not notebook.exists():
             parser.error(f"no such notebook: {notebook}")
+        if args.format == "otter":
+            dist = make_otter(notebook, out, args.run_tests)
+            print(f"{notebook.name}: otter master notebook and `otter assign` output in {dist.relative_to(out)}")
+            continue
         student, key = make_assignment(notebook, out)
         count = len(json.loads(key.read_text())["exercises"])
         print(f"{notebook.name}: {count} exercises -> {student.relative_to(out)}, {key.relative_to(out)}")
+    if args.format == "otter":
+        print(f"otter assignments in {out / 'otter'}: upload each dist/autograder/autograder.zip to Gradescope, "
+              "or grade locally with `otter run -a dist/autograder/autograder.zip SUBMISSION.ipynb`")
+        return 0
     shutil.copy2(Path(__file__), out / "autograder" / "grade.py")
     print(f"assignments in {out}; grade with: make grade SUBMISSIONS=folder CHAPTER=NN "
           f"(or {sys.executable} {out / 'autograder' / 'grade.py'} grade --key KEY.json SUBMISSIONS)")
     return 0
+
+
+# --- otter-grader export -----------------------------------------------------------------------
+
+OTTER_VERSION = "7.0.0"  # the version the export is tested with (pyproject's `otter` extra pins it)
+OTTER_CONFIG = """# ASSIGNMENT CONFIG
+name: {name}
+init_cell: true
+check_all_cell: false
+export_cell: false
+run_tests: {run_tests}
+python_version: "3.11"
+solutions_pdf: false
+requirements: requirements.txt
+overwrite_requirements: true
+generate:
+  pdf: false
+  filtering: false
+tests:
+  files: false
+  ok_format: false
+"""
+
+
+def otter_test_cell(source: str, hidden: bool) -> nbformat.NotebookNode:
+    """One otter exception-based test cell: a function that runs ``source`` in the notebook's globals.
+
+    The reference check runs as written, in the student's namespace (what the native grader does), so
+    its assert messages reach the student unchanged.
+    """
+    config = '""" # BEGIN TEST CONFIG\nhidden: true\n""" # END TEST CONFIG\n' if hidden else ""
+    name = "hidden" if hidden else "visible"
+    return nbformat.v4.new_code_cell(f"{config}def test_{name}(env):\n"
+                                     f"    exec(compile({source!r}, '<{name} check>', 'exec'), env)")
+
+
+def otter_master(nb: nbformat.NotebookNode, exercises: list[Exercise], name: str,
+                 run_tests: bool = False) -> nbformat.NotebookNode:
+    """The chapter as an otter-grader master notebook (assignment format v1).
+
+    Each exercise becomes a question ``exercise_N`` (all or nothing, its points), from its heading cell to
+    its check cell: the solution cell is otter's solution, with the book's stub as its prompt, and the
+    check cell becomes two tests: the visible part (public) and the whole check with its hidden tests (hidden).
+    """
+    raw = nbformat.v4.new_raw_cell
+    master = copy.deepcopy(nb)
+    master.metadata.pop("papermill", None)
+    starts = {}
+    for ex in exercises:
+        if len(ex.solution_cells) != 1:
+            raise ValueError(f"{name}: exercise {ex.number} has {len(ex.solution_cells)} solution cells; the otter "
+                             "export needs exactly one (merge them into one cell).")
+        heading = max(i for i in range(ex.solution_cells[0] + 1) if nb.cells[i].cell_type == "markdown"
+                      and any(int(n) == ex.number for n, _ in HEADING.findall(nb.cells[i].source)))
+        starts[heading] = ex
+    cells, current = [raw(OTTER_CONFIG.format(name=name, run_tests=str(run_tests).lower()))], None
+    for index, cell in enumerate(master.cells):
+        cell.metadata.pop("papermill", None)
+        cell.metadata.pop("execution", None)
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+        if index in starts:
+            current = starts[index]
+            cells.append(raw(f"# BEGIN QUESTION\nname: exercise_{current.number}\npoints: {current.points}\n"
+                             "all_or_nothing: true"))
+        if current is not None and index == current.solution_cells[0]:
+            cell.source = stub_solution(cell.source, current, otter=True)
+            cells += [raw("# BEGIN SOLUTION"), cell, raw("# END SOLUTION")]
+        elif current is not None and index == current.check_cell:
+            visible, hidden = split_check(current.check)
+            cells += [raw("# BEGIN TESTS"), otter_test_cell(visible, False)]
+            cells += [otter_test_cell(current.check, True)] if hidden else []
+            cells += [raw("# END TESTS"), raw("# END QUESTION")]
+            current = None
+        else:
+            cells.append(cell)
+    master.cells = cells
+    return master
+
+
+def make_otter(notebook: Path, out: Path, run_tests: bool = False) -> Path:
+    """Write ``out``/otter/<name>/<name>.ipynb (the master notebook) and run ``otter assign`` on it into
+    ``out``/otter/<name>/dist (student notebook, autograder notebook and the Gradescope ``autograder.zip``)."""
+    try:
+        import otter
+    except ImportError:
+        raise SystemExit("the otter export needs otter-grader: install the book's extra with "
+                         "`.venv/bin/python -m pip install -c constraints.txt -e '.[otter]'` "
+                         "(`make assignments FORMAT=otter` does it).") from None
+    if otter.__version__ != OTTER_VERSION:
+        print(f"warning: otter-grader {otter.__version__} is installed; the export is tested with {OTTER_VERSION}")
+    nb = nbformat.read(notebook, as_version=4)
+    exercises = parse_exercises(nb, notebook.name)
+    folder = out / "otter" / notebook.stem
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    master = folder / notebook.name
+    nbformat.write(otter_master(nb, exercises, notebook.stem, run_tests), master)
+    # what Gradescope's image must install: the book's pinned runtime, and effnb itself
+    pins = {line.split("==")[0].lower(): line for line in (ROOT / "constraints.txt").read_text().split()
+            if "==" in line}
+    runtime = ["torch", "numpy", "scipy", "scikit-learn", "matplotlib", "tqdm", "safetensors", "diffusers",
+               "transformers", "nbformat", "ipykernel"]
+    (folder / "requirements.txt").write_text("\n".join([pins[n] for n in runtime if n in pins] +
+                                                       ["effnb @ git+https://github.com/effnb/effnb"]) + "\n")
+    command = [sys.executable, "-m", "otter", "assign", *([] if run_tests else ["--no-run-tests"]),
+               master.name, "dist"]
+    done = subprocess.run(command, cwd=folder, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"otter assign failed on {master}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return folder / "dist"
 
 
 # --- grading -----------------------------------------------------------------------------------
