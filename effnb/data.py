@@ -7,6 +7,8 @@ every fetched file is checked against the sha256 in :data:`REGISTRY`. Introduced
 
 Chapter 7 adds multi-task dense prediction: :func:`make_dense_scenes` generates scenes with
 segmentation, depth, normals and boundaries, and :func:`load_nyud` reads NYUD-v2 in the same form.
+Chapter 10 adds multi-spectral neuron volumes: :func:`make_neuron_volume` generates Brainbow-like
+volumes with SWC ground truth; :func:`read_tiff_stack` and :func:`read_swc` read real ones.
 """
 from __future__ import annotations
 
@@ -34,8 +36,10 @@ __all__ = [
     "NYUD_ARCHIVE_URL",
     "NYUD_PAGE",
     "REGISTRY",
+    "PLANES",
     "SCENE_SHAPES",
     "DenseScenes",
+    "NeuronVolume",
     "RemoteFile",
     "Split",
     "atomic_path",
@@ -51,12 +55,18 @@ __all__ = [
     "long_tail_counts",
     "long_tail_subset",
     "make_dense_scenes",
+    "make_neuron_volume",
     "normals_from_depth",
     "read_cifar10_binary",
     "read_idx",
     "read_sha256sums",
+    "read_swc",
+    "read_tiff_stack",
     "sha256_of",
+    "start_box",
+    "StartBox",
     "write_sha256sums",
+    "write_swc",
 ]
 
 
@@ -752,3 +762,260 @@ def load_nyud(root: str | Path, split: str = "train", size: int | tuple[int, int
     segmentation = torch.where(labels == 0, 255, labels - 1)  # (N, H, W)
     boundaries = (edge >= 0.5).float()
     return DenseScenes(image, segmentation, depth, normals, boundaries, num_classes=40, ignore_index=255)
+
+
+# --- multi-spectral neuron volumes (Chapter 10) ------------------------------------------------
+
+PLANES = {"xy": 0, "zy": 2, "xz": 1}
+"""A tracking plane and the volume axis (of z, y, x) a tracer steps along when it tracks in that plane."""
+
+
+@dataclass(frozen=True)
+class StartBox:
+    """Where a tracer starts: the plane it tracks in, the box centre (z, y, x), its side, and the step direction."""
+
+    plane: str
+    centre: tuple[float, float, float]
+    size: int
+    direction: int
+
+
+@dataclass
+class NeuronVolume:
+    """A multi-spectral (Brainbow-like) volume with its ground truth.
+
+    ``image`` is ``(Z, Y, X, 3)`` float32 in [0, 1]; ``neurons`` holds one SWC table per neuron
+    (``(N, 7)``: id, type, x, y, z, radius, parent; parent -1 at the root, positions in voxels);
+    ``starts`` one :class:`StartBox` per neuron, at its root; ``colours`` each neuron's colour at
+    its root. Introduced in Chapter 10.
+    """
+
+    image: np.ndarray
+    neurons: list[np.ndarray]
+    starts: list[StartBox]
+    colours: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(Z, Y, X)."""
+        return tuple(self.image.shape[:3])
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def _walk(rng: np.random.Generator, start: np.ndarray, direction: np.ndarray, shape: tuple[int, ...],
+          turn_to: np.ndarray | None, wobble: float, margin: float, max_steps: int) -> np.ndarray:
+    """Points one voxel apart from ``start`` along a smooth curve until it leaves the volume (less ``margin``).
+
+    The heading follows ``direction``, bends smoothly toward ``turn_to`` (if given) over a random stretch,
+    and wobbles by a slowly varying random perpendicular push of size ``wobble``.
+    """
+    points, heading, push = [start.astype(float)], _unit(direction.astype(float)), np.zeros(3)
+    bend_at, bend_len = rng.uniform(0.25, 0.5) * min(shape), rng.uniform(10, 20)
+    upper = np.array(shape, float) - 1 - margin
+    for step in range(1, max_steps):
+        push = 0.9 * push + 0.1 * rng.normal(0, wobble, 3)
+        goal = direction
+        if turn_to is not None:
+            s = np.clip((step - bend_at) / bend_len, 0, 1)
+            goal = (1 - s) * direction + s * turn_to
+        heading = _unit(0.7 * heading + 0.3 * _unit(goal) + push)
+        nxt = points[-1] + heading
+        if np.any(nxt < margin) or np.any(nxt > upper):
+            break
+        points.append(nxt)
+    return np.array(points)
+
+
+def _neuron_curves(rng: np.random.Generator, shape: tuple[int, ...], anchor: np.ndarray, direction: np.ndarray,
+                   turn: bool, branch: bool, margin: float) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
+    """A neuron's main curve through ``anchor`` (root at one end, on the volume's edge) and its branches.
+
+    Returns the main curve (points, root first) and a list of (index of the branch point on it, branch curve).
+    """
+    turn_to = None
+    if turn:
+        axes = [a for a in range(3) if a != int(np.argmax(np.abs(direction)))]
+        turn_to = np.zeros(3)
+        turn_to[rng.choice(axes)] = rng.choice([-1.0, 1.0])
+    forward = _walk(rng, anchor, direction, shape, turn_to, 0.15, margin, 4 * max(shape))
+    backward = _walk(rng, anchor, -direction, shape, None, 0.15, margin, 4 * max(shape))
+    main = np.concatenate([backward[::-1], forward[1:]])
+    branches = []
+    if branch and len(main) > 30:
+        at = int(rng.integers(len(main) // 3, 2 * len(main) // 3))
+        local = _unit(main[min(at + 2, len(main) - 1)] - main[max(at - 2, 0)])
+        side = _unit(np.cross(local, rng.normal(size=3)))
+        start = main[at] + 2.0 * side                                          # leave the parent's tube first
+        curve = _walk(rng, start, _unit(local + 1.2 * side), shape, None, 0.1, margin, 60)
+        if len(curve) > 12:
+            branches.append((at, np.concatenate([main[at:at + 1], curve])))
+    return main, branches
+
+
+def _paint(field: np.ndarray, colour_field: np.ndarray, points: np.ndarray, radii: np.ndarray,
+           colours: np.ndarray) -> None:
+    """Draw a tube: at each voxel, the brightest of the Gaussian profiles exp(-(d/r)^2) of the points, and its colour."""
+    shape = np.array(field.shape)
+    for p, r, c in zip(points, radii, colours):
+        lo = np.maximum(np.floor(p - 2.5 * r).astype(int), 0)
+        hi = np.minimum(np.ceil(p + 2.5 * r).astype(int) + 1, shape)
+        grid = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij"), -1)
+        w = np.exp(-((grid - p) ** 2).sum(-1) / r**2)
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        brighter = w > field[box]
+        field[box] = np.where(brighter, w, field[box])
+        colour_field[box] = np.where(brighter[..., None], c, colour_field[box])
+
+
+def _swc_table(main: np.ndarray, branches: list[tuple[int, np.ndarray]], radii: list[np.ndarray]) -> np.ndarray:
+    """SWC rows (id, type 3, x, y, z, radius, parent) of a main curve and its branches; ids from 1."""
+    rows = [[i + 1, 3, p[2], p[1], p[0], radii[0][i], i if i else -1] for i, p in enumerate(main)]
+    for (at, curve), r in zip(branches, radii[1:]):
+        first = len(rows) + 1
+        rows += [[first + k - 1, 3, p[2], p[1], p[0], r[k], (at + 1) if k == 1 else first + k - 2]
+                 for k, p in enumerate(curve) if k > 0]
+    return np.array(rows, dtype=np.float64)
+
+
+def make_neuron_volume(shape: tuple[int, int, int] = (48, 96, 96), n_neurons: int = 6, seed: int = 0, *,
+                       radius: tuple[float, float] = (1.6, 2.4), branch_fraction: float = 0.5,
+                       cross_fraction: float = 0.5, turn_fraction: float = 0.5, colour_drift: float = 0.01,
+                       blur: float = 0.7, noise: float = 0.05) -> NeuronVolume:
+    """Generate a Brainbow-like volume of tubular neurons with their SWC ground truth (deterministic from ``seed``).
+
+    Each neuron is a smooth curve from one face of the volume to another, some bending into another axis
+    (``turn_fraction``), some with a branch (``branch_fraction``), some passing through an earlier neuron
+    (``cross_fraction``: a crossing). Each has its own saturated colour, which drifts along it by a random
+    walk of ``colour_drift`` per voxel; the volume is blurred (``blur``, voxels) and gets Gaussian
+    ``noise``. The tracer's start box sits at each neuron's root, in the plane across its first direction.
+    Introduced in Chapter 10.
+    """
+    if len(shape) != 3 or any(not isinstance(s, int) or s < 16 for s in shape):
+        raise ValueError(f"shape={shape!r} must be three whole numbers >= 16 (Z, Y, X), e.g. shape=(48, 96, 96).")
+    check_count("n_neurons", n_neurons, 6)
+    for name, value in [("branch_fraction", branch_fraction), ("cross_fraction", cross_fraction),
+                        ("turn_fraction", turn_fraction)]:
+        if not 0 <= value <= 1:
+            raise ValueError(f"{name}={value!r} must lie in [0, 1], e.g. {name}=0.5.")
+    rng = np.random.default_rng(seed)
+    dims, margin = np.array(shape, float), 2.0
+    image = np.zeros((*shape, 3), np.float32)
+    neurons, starts, colours, mains = [], [], [], []
+    for k in range(n_neurons):
+        while True:                                                  # a saturated colour unlike the others
+            colour = rng.dirichlet([0.4, 0.4, 0.4])
+            colour = colour / colour.max()
+            if all(np.linalg.norm(colour - c) > 0.5 for c in colours):
+                break
+        crossing = k > 0 and rng.random() < cross_fraction
+        if crossing:                                                 # pass through a point of an earlier neuron
+            other = mains[int(rng.integers(len(mains)))]
+            at = int(rng.integers(len(other) // 4, 3 * len(other) // 4))
+            anchor = other[at]
+            local = _unit(other[min(at + 2, len(other) - 1)] - other[max(at - 2, 0)])
+            direction = _unit(np.cross(local, rng.normal(size=3)))
+        else:
+            anchor = rng.uniform(0.25, 0.75, 3) * dims
+            direction = np.zeros(3)
+            direction[rng.integers(3)] = 1.0
+            direction = _unit(direction + rng.normal(0, 0.25, 3))
+        main, branches = _neuron_curves(rng, shape, anchor, direction, rng.random() < turn_fraction,
+                                        rng.random() < branch_fraction, margin)
+        mains.append(main)
+        curves = [main] + [c for _, c in branches]
+        radii = [np.full(len(c), rng.uniform(*radius)) for c in curves]
+        field, colour_field = np.zeros(shape, np.float32), np.zeros((*shape, 3), np.float32)
+        for curve, r in zip(curves, radii):
+            drift = np.cumsum(rng.normal(0, colour_drift, (len(curve), 3)), 0)
+            _paint(field, colour_field, curve, r, np.clip(colour + drift, 0.05, 1.0))
+        image += field[..., None] * colour_field
+        neurons.append(_swc_table(main, branches, radii))
+        starts.append(start_box(neurons[-1]))
+        colours.append(colour)
+    if blur > 0:
+        from scipy.ndimage import gaussian_filter
+
+        image = gaussian_filter(image, sigma=(blur, blur, blur, 0))
+    image = np.clip(image + rng.normal(0, noise, image.shape), 0, 1).astype(np.float32)
+    return NeuronVolume(image, neurons, starts, np.array(colours))
+
+
+def start_box(table: np.ndarray, ahead: int = 5) -> StartBox:
+    """The start box of a neuron given as an SWC table: at its root, in the plane across the direction to the node
+    ``ahead`` steps on (the plane whose stepping axis that direction follows most), ~5 radii wide (odd).
+    Introduced in Chapter 10."""
+    table = np.asarray(table)
+    points = table[:, [4, 3, 2]]
+    to = points[min(ahead, len(points) - 1)] - points[0]
+    axis = int(np.argmax(np.abs(to)))
+    plane = {0: "xy", 2: "zy", 1: "xz"}[axis]
+    size = int(2 * round(2.5 * float(table[0, 5])) + 1)
+    return StartBox(plane, tuple(float(v) for v in points[0]), max(size, 5), int(np.sign(to[axis])) or 1)
+
+
+SWC_HEADER = "# id type x y z radius parent"
+
+
+def write_swc(path: str | Path, table: np.ndarray) -> None:
+    """Write an SWC table (``(N, 7)``: id, type, x, y, z, radius, parent) as text. Introduced in Chapter 10."""
+    table = np.asarray(table)
+    if table.ndim != 2 or table.shape[1] != 7:
+        raise ValueError(f"an SWC table has 7 columns (id, type, x, y, z, radius, parent); got shape {table.shape}.")
+    lines = [SWC_HEADER] + [f"{int(r[0])} {int(r[1])} {r[2]:.3f} {r[3]:.3f} {r[4]:.3f} {r[5]:.3f} {int(r[6])}"
+                            for r in table]
+    Path(path).write_text("\n".join(lines) + "\n")
+
+
+def read_swc(path: str | Path) -> np.ndarray:
+    """Read an SWC file into an ``(N, 7)`` float array (id, type, x, y, z, radius, parent); ``#`` lines are comments.
+
+    Raises one sentence naming the file and line when a row does not have 7 numbers. Introduced in Chapter 10.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no SWC file at {path}; pass the path of an existing .swc file.")
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        try:
+            values = [float(v) for v in parts]
+        except ValueError:
+            values = []
+        if len(values) != 7:
+            raise ValueError(f"{path}, line {number}: an SWC row has 7 numbers (id type x y z radius parent); "
+                             f"got {line!r}.")
+        rows.append(values)
+    return np.array(rows, dtype=np.float64).reshape(-1, 7)
+
+
+def read_tiff_stack(path: str | Path, channel_axis: int | None = None) -> np.ndarray:
+    """Read a multi-channel TIFF stack as a ``(Z, Y, X, C)`` float32 array in [0, 1] (needs ``tifffile``).
+
+    ``channel_axis`` says where the channels are in the file's array (default: the last axis when it has
+    at most 4 entries, else axis 1, as ImageJ writes ZCYX); a 3-D stack is read as one channel. Integer
+    data is divided by its type's maximum, floats by their largest value. Introduced in Chapter 10.
+    """
+    try:
+        import tifffile
+    except ImportError:
+        raise ImportError("reading TIFF stacks needs tifffile: pip install tifffile") from None
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no TIFF stack at {path}; pass the path of an existing .tif file.")
+    data = tifffile.imread(path)
+    if data.ndim == 3:
+        data = data[..., None]
+    elif data.ndim == 4:
+        axis = channel_axis if channel_axis is not None else (3 if data.shape[3] <= 4 else 1)
+        data = np.moveaxis(data, axis, -1)
+    else:
+        raise ValueError(f"{path} holds a {data.ndim}-D array; a stack is Z x Y x X with an optional channel axis.")
+    if np.issubdtype(data.dtype, np.integer):
+        return (data / np.iinfo(data.dtype).max).astype(np.float32)
+    return (data / max(float(data.max()), 1e-12)).astype(np.float32)
