@@ -362,8 +362,12 @@ def make_otter(notebook: Path, out: Path, run_tests: bool = False) -> Path:
     # what Gradescope's image must install: the book's pinned runtime, and effnb itself
     pins = {line.split("==")[0].lower(): line for line in (ROOT / "constraints.txt").read_text().split()
             if "==" in line}
-    runtime = ["torch", "numpy", "scipy", "scikit-learn", "matplotlib", "tqdm", "safetensors", "diffusers",
-               "transformers", "nbformat", "ipykernel"]
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    book = project["dependencies"] + project["optional-dependencies"]["book"]   # what a chapter needs to run
+    runtime = [name for name in (re.split(r"[<>=!\[ ;]", r, maxsplit=1)[0].lower() for r in book)
+               if not name.startswith(("jupyter-book", "sphinx", "myst", "papermill"))]   # not the site's renderer
     (folder / "requirements.txt").write_text("\n".join([pins[n] for n in runtime if n in pins] +
                                                        ["effnb @ git+https://github.com/effnb/effnb"]) + "\n")
     command = [sys.executable, "-m", "otter", "assign", *([] if run_tests else ["--no-run-tests"]),
