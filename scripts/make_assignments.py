@@ -181,21 +181,26 @@ def student_check(source: str) -> str:
 
 # --- making assignments ------------------------------------------------------------------------
 
+def clear_run(nb: nbformat.NotebookNode) -> None:
+    """Remove, in place, what a run left in ``nb``: outputs, execution counts and papermill/timing metadata."""
+    nb.metadata.pop("papermill", None)
+    for cell in nb.cells:
+        for key in ("papermill", "execution"):
+            cell.metadata.pop(key, None)
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+
+
 def student_notebook(nb: nbformat.NotebookNode, exercises: list[Exercise]) -> nbformat.NotebookNode:
     """A copy of ``nb`` with solutions stubbed, outputs cleared and exercise cells marked in metadata."""
     student = copy.deepcopy(nb)
-    student.metadata.pop("papermill", None)
     for ex in exercises:
         for index in ex.solution_cells:
             student.cells[index].source = stub_solution(student.cells[index].source, ex)
             student.cells[index].metadata[META] = {"exercise": ex.number, "role": "solution"}
         student.cells[ex.check_cell].source = student_check(student.cells[ex.check_cell].source)
         student.cells[ex.check_cell].metadata[META] = {"exercise": ex.number, "role": "check"}
-    for cell in student.cells:
-        for key in ("papermill", "execution"):
-            cell.metadata.pop(key, None)
-        if cell.cell_type == "code":
-            cell.outputs, cell.execution_count = [], None
+    clear_run(student)
     if any("# BEGIN SOLUTION" in c.source for c in student.cells if c.cell_type == "code"):
         raise ValueError("a solution marker survived stubbing: each '# BEGIN SOLUTION' needs its '# END SOLUTION'.")
     return student
@@ -254,8 +259,8 @@ def make_main(argv: list[str]) -> int:
         count = len(json.loads(key.read_text())["exercises"])
         print(f"{notebook.name}: {count} exercises -> {student.relative_to(out)}, {key.relative_to(out)}")
     if args.format == "otter":
-        print(f"otter assignments in {out / 'otter'}: upload each dist/autograder/autograder.zip to Gradescope, "
-              "or grade locally with `otter run -a dist/autograder/autograder.zip SUBMISSION.ipynb`")
+        print(f"otter assignments in {out / 'otter'}: upload each dist/autograder/NN_name-autograder_*.zip to "
+              "Gradescope, or grade locally with `otter run -a dist/autograder/NN_name-autograder_*.zip SUBMISSION.ipynb`")
         return 0
     shutil.copy2(Path(__file__), out / "autograder" / "grade.py")
     print(f"assignments in {out}; grade with: make grade SUBMISSIONS=folder CHAPTER=NN "
@@ -307,7 +312,7 @@ def otter_master(nb: nbformat.NotebookNode, exercises: list[Exercise], name: str
     """
     raw = nbformat.v4.new_raw_cell
     master = copy.deepcopy(nb)
-    master.metadata.pop("papermill", None)
+    clear_run(master)
     starts = {}
     for ex in exercises:
         if len(ex.solution_cells) != 1:
@@ -318,10 +323,6 @@ def otter_master(nb: nbformat.NotebookNode, exercises: list[Exercise], name: str
         starts[heading] = ex
     cells, current = [raw(OTTER_CONFIG.format(name=name, run_tests=str(run_tests).lower()))], None
     for index, cell in enumerate(master.cells):
-        cell.metadata.pop("papermill", None)
-        cell.metadata.pop("execution", None)
-        if cell.cell_type == "code":
-            cell.outputs, cell.execution_count = [], None
         if index in starts:
             current = starts[index]
             cells.append(raw(f"# BEGIN QUESTION\nname: exercise_{current.number}\npoints: {current.points}\n"
