@@ -2,7 +2,7 @@
 
 Layers (imports only point down): ``config``; ``data`` (with ``pointclouds``, which builds on it),
 ``plot``, ``show``, ``report``; ``models``, ``train``, ``measure``; technique modules (``roofline``,
-``diffusion``, ``quant``, ``binary``, ``coreset``, ...).
+``diffusion``, ``quant``, ``binary``, ``coreset``, ``tracing``, ``tokens``, ``distill``, ...).
 """
 import os as _os
 

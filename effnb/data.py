@@ -7,6 +7,8 @@ every fetched file is checked against the sha256 in :data:`REGISTRY`. Introduced
 
 Chapter 7 adds multi-task dense prediction: :func:`make_dense_scenes` generates scenes with
 segmentation, depth, normals and boundaries, and :func:`load_nyud` reads NYUD-v2 in the same form.
+Chapter 9 adds question scenes: :func:`make_question_scenes` draws objects in quadrants and asks
+one question per scene whose answer depends on a few regions of the image.
 Chapter 10 adds multi-spectral neuron volumes: :func:`make_neuron_volume` generates Brainbow-like
 volumes with SWC ground truth; :func:`read_tiff_stack` and :func:`read_swc` read real ones.
 """
@@ -33,7 +35,13 @@ import torch.nn.functional as F
 from effnb.config import check_choice, check_count
 
 __all__ = [
+    "ANSWERS",
     "NYUD_ARCHIVE_URL",
+    "QUADRANTS",
+    "QUESTION_COLOURS",
+    "QUESTION_SHAPES",
+    "QUESTION_TYPES",
+    "QuestionScenes",
     "NYUD_PAGE",
     "REGISTRY",
     "PLANES",
@@ -56,6 +64,7 @@ __all__ = [
     "long_tail_subset",
     "make_dense_scenes",
     "make_neuron_volume",
+    "make_question_scenes",
     "normals_from_depth",
     "read_cifar10_binary",
     "read_idx",
@@ -1019,3 +1028,115 @@ def read_tiff_stack(path: str | Path, channel_axis: int | None = None) -> np.nda
     if np.issubdtype(data.dtype, np.integer):
         return (data / np.iinfo(data.dtype).max).astype(np.float32)
     return (data / max(float(data.max()), 1e-12)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- question scenes (Chapter 9)
+QUESTION_TYPES = ("how many objects?", "is there a {colour} object?", "what shape is {quadrant}?",
+                  "what colour is the object {quadrant}?")
+QUESTION_COLOURS = ("red", "green", "blue", "yellow")
+QUESTION_SHAPES = ("disc", "square", "triangle")
+QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
+ANSWERS = ("1", "2", "3", "4", "no", "yes", *QUESTION_SHAPES, *QUESTION_COLOURS, "nothing")
+_RGB = np.array([[0.95, 0.15, 0.1], [0.1, 0.8, 0.2], [0.15, 0.3, 1.0], [0.95, 0.85, 0.1]], np.float32)
+_SHAPE_OF = (0, 1, 2)  # disc, rectangle, triangle of _inside_shape
+
+
+@dataclass(frozen=True)
+class QuestionScenes:
+    """Scenes of up to four objects (one per quadrant) with one question and its answer each.
+
+    ``images`` ``(N, 3, S, S)`` float32 in [0, 1]; ``objects`` ``(N, S, S)`` int64, 0 for background and
+    ``1 + 4 * shape + colour`` on an object; ``shapes`` and ``colours`` ``(N, 4)`` int64 per quadrant
+    (:data:`QUADRANTS` order), -1 where the quadrant is empty; ``question`` ``(N, 2)`` int64: the type
+    (index into :data:`QUESTION_TYPES`) and its argument (a colour for type 1, a quadrant for types 2
+    and 3, 0 otherwise); ``answer`` ``(N,)`` int64 index into :data:`ANSWERS`. Introduced in Chapter 9.
+    """
+
+    images: torch.Tensor
+    objects: torch.Tensor
+    shapes: torch.Tensor
+    colours: torch.Tensor
+    question: torch.Tensor
+    answer: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def subset(self, index) -> QuestionScenes:
+        """The scenes at ``index`` (a slice, a list of ints, an int or bool tensor)."""
+        return QuestionScenes(*(getattr(self, name)[index] for name in
+                                ("images", "objects", "shapes", "colours", "question", "answer")))
+
+    def question_text(self, i: int) -> str:
+        """Scene ``i``'s question in words, e.g. ``what shape is top left?``."""
+        kind, arg = (int(v) for v in self.question[i])
+        return QUESTION_TYPES[kind].format(colour=QUESTION_COLOURS[arg], quadrant=QUADRANTS[arg])
+
+    def patch_labels(self, patch: int) -> torch.Tensor:
+        """The object label of each ``patch`` × ``patch`` patch, ``(N, (S/patch)²)`` in row-major order:
+        the most common object label among its pixels if objects cover at least a quarter of it, else 0."""
+        n, s = self.objects.shape[0], self.objects.shape[1]
+        if s % patch:
+            raise ValueError(f"patch={patch} must divide the image size {s}, e.g. patch={s // 8}.")
+        g = s // patch
+        cells = self.objects.view(n, g, patch, g, patch).permute(0, 1, 3, 2, 4).reshape(n, g * g, patch * patch)
+        counts = F.one_hot(cells, 1 + 4 * len(QUESTION_SHAPES)).sum(2)  # (N, P, labels)
+        label = counts[..., 1:].argmax(-1) + 1
+        covered = counts[..., 1:].sum(-1) * 4 >= patch * patch
+        return torch.where(covered, label, torch.zeros_like(label))
+
+
+def _answers(shapes: np.ndarray, colours: np.ndarray, question: np.ndarray) -> np.ndarray:
+    """The index into :data:`ANSWERS` of each scene's answer."""
+    kind, arg = question[:, 0], question[:, 1]
+    rows = np.arange(len(kind))
+    at_shape, at_colour = shapes[rows, arg], colours[rows, arg]
+    nothing = ANSWERS.index("nothing")
+    return np.select(
+        [kind == 0, kind == 1, kind == 2, kind == 3],
+        [(shapes >= 0).sum(1) - 1,
+         np.where((colours == arg[:, None]).any(1), ANSWERS.index("yes"), ANSWERS.index("no")),
+         np.where(at_shape >= 0, ANSWERS.index("disc") + at_shape, nothing),
+         np.where(at_colour >= 0, ANSWERS.index("red") + at_colour, nothing)])
+
+
+def make_question_scenes(n: int, size: int = 32, seed: int = 0, occupancy: float = 0.5) -> QuestionScenes:
+    """``n`` scenes of ``size`` × ``size`` pixels: each quadrant holds an object with probability
+    ``occupancy`` (at least one per scene), a disc, square or triangle in red, green, blue or yellow, of
+    radius 0.14-0.2 of ``size``, on a dark noisy background; one question per scene, its type drawn
+    uniformly. Deterministic from ``seed``. Returns :class:`QuestionScenes`. Introduced in Chapter 9.
+    """
+    check_count("n", n, 1000)
+    check_count("size", size, 32)
+    if size < 16 or size % 2:
+        raise ValueError(f"size={size} must be an even number >= 16 (two quadrants per side), e.g. size=32.")
+    if not 0 < occupancy <= 1:
+        raise ValueError(f"occupancy={occupancy!r} is the chance that a quadrant holds an object; use 0 < occupancy <= 1.")
+    rng = np.random.default_rng(seed)
+    occupied = rng.random((n, 4)) < occupancy
+    occupied[np.arange(n), rng.integers(0, 4, n)] |= ~occupied.any(1)
+    shapes = np.where(occupied, rng.integers(0, len(QUESTION_SHAPES), (n, 4)), -1)
+    colours = np.where(occupied, rng.integers(0, len(QUESTION_COLOURS), (n, 4)), -1)
+    radius = rng.uniform(0.14, 0.2, (n, 4)) * size
+    cell = size / 2
+    offset = rng.uniform(radius + 1, cell - radius - 1)  # (n, 4) centre within the cell, one draw per axis
+    offset = np.stack([offset, rng.uniform(radius + 1, cell - radius - 1)], -1)
+    quad = np.array([[0, 0], [0, 1], [1, 0], [1, 1]])
+    centre = quad[None] * cell + offset  # (n, 4, 2) as (row, column)
+    rows, cols = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    images = rng.normal(0.08, 0.03, (n, size, size, 3)).astype(np.float32)
+    objects = np.zeros((n, size, size), np.int64)
+    for q in range(4):
+        p = (cols[None] - centre[:, q, 1, None, None]) / radius[:, q, None, None]
+        r = (centre[:, q, 0, None, None] - rows[None]) / radius[:, q, None, None]  # up is positive
+        for k in range(len(QUESTION_SHAPES)):
+            mask = _inside_shape(_SHAPE_OF[k], p, r, np.ones((n, 1, 1))) & (shapes[:, q] == k)[:, None, None]
+            tint = _RGB[np.clip(colours[:, q], 0, None)] * rng.uniform(0.75, 1.0, (n, 1)).astype(np.float32)
+            images = np.where(mask[..., None], tint[:, None, None], images)
+            objects = np.where(mask, 1 + 4 * k + colours[:, q, None, None], objects)
+    images = np.clip(images + rng.normal(0, 0.03, images.shape).astype(np.float32), 0, 1)
+    kind = rng.integers(0, len(QUESTION_TYPES), n)
+    question = np.stack([kind, np.where(kind == 0, 0, rng.integers(0, 4, n))], 1)
+    return QuestionScenes(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(objects),
+                          torch.from_numpy(shapes), torch.from_numpy(colours), torch.from_numpy(question),
+                          torch.from_numpy(_answers(shapes, colours, question)))
