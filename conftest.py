@@ -4,7 +4,10 @@ and :func:`skip_or_fail` for tests that need something this machine may lack.
 The environment variables are inherited by the Jupyter kernels that nbval starts, and
 ``effnb/__init__.py`` installs the same socket guard in them when ``EFFNB_BLOCK_NETWORK=1``.
 """
+import functools
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -41,3 +44,46 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------- the chapters under nbval
+# nbval runs every chapter in notebooks/ with the student's view of its exercises inserted before the
+# exercises (scripts/make_assignments.py: with_student_view): one kernel checks the chapter's outputs and
+# that its student notebook runs and stops only at the exercises, so the chapter's first part, most of
+# its cost, is executed once for both.
+NOTEBOOKS = Path(__file__).resolve().parent / "notebooks"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collect_file(file_path, parent):
+    """Collect each chapter in notebooks/ with :func:`chapter_collector` instead of nbval's plain collector."""
+    collected = yield
+    if file_path.suffix != ".ipynb" or file_path.parent != NOTEBOOKS or not collected:
+        return collected
+    from nbval.plugin import IPyNbFile
+
+    return [chapter_collector().from_parent(parent, path=file_path) if type(item) is IPyNbFile else item
+            for item in collected]
+
+
+@functools.cache
+def chapter_collector() -> type:
+    """nbval's collector, reading a chapter as its student-view composite (built on first use: nbval is
+    imported only when notebooks are collected)."""
+    from unittest import mock
+
+    import nbformat
+    import nbval.plugin
+
+    sys.path.insert(0, str(NOTEBOOKS.parent / "scripts"))
+    from make_assignments import with_student_view
+
+    class ChapterNotebook(nbval.plugin.IPyNbFile):
+        """A chapter for nbval, with the student's view of its exercises run before the exercises."""
+
+        def collect(self):
+            composite = with_student_view(nbformat.read(self.path, as_version=4), self.path.name)
+            with mock.patch.object(nbval.plugin.nbformat, "read", return_value=composite):
+                return list(super().collect())
+
+    return ChapterNotebook

@@ -94,6 +94,11 @@ class Split:
         """``(C, H, W)`` of one image."""
         return tuple(self.x_train.shape[1:])  # type: ignore[return-value]
 
+    def to(self, device: str | torch.device) -> Split:
+        """The same split with its four tensors on ``device`` (a GPU keeps small data sets resident)."""
+        return Split(self.x_train.to(device), self.y_train.to(device), self.x_test.to(device),
+                     self.y_test.to(device), self.num_classes)
+
 
 def _resize(x: torch.Tensor, size: int | None) -> torch.Tensor:
     """Bilinear resize of ``(N, C, H, W)`` to ``size × size``; ``None`` keeps the size."""

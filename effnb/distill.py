@@ -54,6 +54,7 @@ __all__ = [
     "evaluate_synthetic",
     "expert_logits",
     "expert_seed",
+    "expert_soft_labels",
     "flatten_parameters",
     "head_tail_accuracy",
     "init_synthetic",
@@ -179,6 +180,7 @@ def expert_seed(seed: int, index: int) -> int:
 def class_balanced_indices(y: torch.Tensor, num_classes: int, n: int, generator: torch.Generator) -> torch.Tensor:
     """``n`` indices into ``y`` drawn class-balanced: a class uniformly among those present, then one of
     its samples uniformly (with replacement), so every class is seen equally often."""
+    y = y.cpu()
     members = [torch.nonzero(y == c).flatten() for c in range(num_classes)]
     members = [m for m in members if len(m)]
     classes = torch.randint(len(members), (n,), generator=generator)
@@ -364,7 +366,8 @@ def select_per_class(y: torch.Tensor, num_classes: int, ipc: int, seed: int = 0,
     """
     check_count("ipc", ipc, 10)
     gen = torch.Generator().manual_seed(seed)
-    preferred = torch.ones(len(y), dtype=torch.bool) if preferred is None else preferred.bool()
+    y = y.cpu()  # the indices are drawn on the CPU, whatever device y lives on
+    preferred = torch.ones(len(y), dtype=torch.bool) if preferred is None else preferred.bool().cpu()
     chosen = []
     for c in range(num_classes):
         members = torch.nonzero(y == c).flatten()
@@ -374,6 +377,15 @@ def select_per_class(y: torch.Tensor, num_classes: int, ipc: int, seed: int = 0,
         members = members[preferred[members]] if preferred[members].any() else members
         chosen.append(members[torch.arange(ipc) % len(members)])
     return torch.cat(chosen)
+
+
+def expert_soft_labels(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """LAD's soft labels from expert ``logits (K, N, classes)`` of images labelled ``y (N,)``: each image's
+    mean logit over the experts that classify it correctly (over all ``K`` when none does), ``(N, classes)``,
+    and ``(N,)`` booleans marking the images that at least one expert gets right."""
+    right = (logits.argmax(-1) == y.to(logits.device)).float()  # (K, N)
+    weights = torch.where(right.sum(0) > 0, right, torch.ones_like(right))
+    return (weights[..., None] * logits).sum(0) / weights.sum(0)[:, None], right.sum(0) > 0
 
 
 def init_synthetic(x: torch.Tensor, y: torch.Tensor, num_classes: int, ipc: int, *, lr: float = 0.01,
@@ -389,10 +401,7 @@ def init_synthetic(x: torch.Tensor, y: torch.Tensor, num_classes: int, ipc: int,
         targets = 10.0 * F.one_hot(y, num_classes).float()
         preferred = None
     else:
-        right = (logits.argmax(-1) == y).float()  # (K, N)
-        weights = torch.where(right.sum(0) > 0, right, torch.ones_like(right))
-        targets = (weights[..., None] * logits).sum(0) / weights.sum(0)[:, None]
-        preferred = right.sum(0) > 0
+        targets, preferred = expert_soft_labels(logits, y)
     idx = select_per_class(y, num_classes, ipc, seed, preferred)
     return SyntheticSet(x[idx].clone().requires_grad_(True), targets[idx].clone().requires_grad_(True),
                         torch.tensor(float(lr), requires_grad=True), y[idx].clone())

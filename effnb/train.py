@@ -110,6 +110,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: in
     Introduced in Chapter 0.
     """
     check_count("batch_size", batch_size, 512)
+    y = y.cpu()  # predictions come back to the CPU; labels may live on the model's device
     top_label = int(y.max()) if len(y) else 0
     if num_classes is None:
         num_classes = top_label + 1

@@ -206,6 +206,50 @@ def student_notebook(nb: nbformat.NotebookNode, exercises: list[Exercise]) -> nb
     return student
 
 
+STUDENT_ERRORS = {"solution": ("NotImplementedError",), "check": ("NameError", "AssertionError")}
+STUDENT_VIEW = """\
+# The student's view of exercise {number}, its {role} cell as the grader runs it (added by `make test` only).
+_student_error = None
+try:
+    exec(compile(get_ipython().transform_cell({source!r}), "<exercise {number}: student's {role} cell>", "exec"), globals())
+except ({errors},) as _student_caught:
+    _student_error = _student_caught
+{require}"""
+
+
+def with_student_view(nb: nbformat.NotebookNode, name: str = "notebook") -> nbformat.NotebookNode:
+    """``nb`` with the student's view of its exercises inserted before the exercises themselves, so one run
+    checks both the chapter and its student notebook (``make test`` runs this under nbval).
+
+    The inserted cells are the exercise cells of :func:`student_notebook` (solutions stubbed) with the
+    reference checks of the key: a stub may only stop with NotImplementedError, and a check must stop with
+    NameError or AssertionError (no check passes without its solution); the other cells between the
+    exercises must run as they are. Then the chapter's own exercise cells run, solutions and all, in the
+    same kernel, so the chapter's first part is executed once for both.
+    """
+    exercises = parse_exercises(nb, name)
+    student = student_notebook(nb, exercises)
+    cells = [i for ex in exercises for i in [*ex.solution_cells, ex.check_cell]]
+    start, end = min(cells), max(cells)
+    view = []
+    for cell in student.cells[start : end + 1]:
+        if cell.cell_type != "code":
+            continue
+        marked = cell.metadata.get(META)
+        if not marked:
+            view.append(nbformat.v4.new_code_cell(cell.source))
+            continue
+        role, number = marked["role"], marked["exercise"]
+        source = next(ex.check for ex in exercises if ex.number == number) if role == "check" else cell.source
+        require = ("" if role == "solution" else
+                   f"assert _student_error is not None, 'exercise {number}: its check passes with the solution stubbed'\n")
+        view.append(nbformat.v4.new_code_cell(STUDENT_VIEW.format(
+            number=number, role=role, source=source, errors=", ".join(STUDENT_ERRORS[role]), require=require)))
+    composite = copy.deepcopy(nb)
+    composite.cells = composite.cells[:start] + view + composite.cells[start:]
+    return composite
+
+
 def answer_key(chapter: str, exercises: list[Exercise]) -> dict:
     """The JSON answer key of a chapter: title, points and reference check of each exercise."""
     return {"chapter": chapter, "exercises": [

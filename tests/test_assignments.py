@@ -1,9 +1,12 @@
 """The assignments: student notebooks, answer keys and the grader (scripts/make_assignments.py).
 
-Cost: each chapter's student notebook is executed once (30-90 s a chapter on 2 cores). The
-solutions are graded from the outputs stored in notebooks/, which nbval re-executes in the same
-`make test` (a failing check there fails nbval), and tests/test_colab_wheel.py grades a fresh
-execution of chapter 0 with the same key; so no chapter runs more than twice in the suite.
+Cost: every chapter runs once in the suite. nbval executes it with the student's view of its exercises
+inserted before the exercises (`with_student_view`, wired in conftest.py): the stubs and the reference
+checks run as the grader runs them on a student notebook, then the solutions, in one kernel, so the
+chapter's first part is not executed twice. The solutions are graded from the outputs stored in
+notebooks/, which that nbval run re-executes (a failing check there fails nbval); the grader's own
+execution of a whole student notebook is tested on chapter 0, the cheapest, and
+tests/test_colab_wheel.py grades a fresh execution of chapter 0 with the same key.
 """
 from __future__ import annotations
 
@@ -24,7 +27,6 @@ import make_assignments as ma  # noqa: E402
 from run_notebooks import toc_notebooks  # noqa: E402
 
 CHAPTERS = toc_notebooks()
-STUDENT_ERRORS = {"solution": {"NotImplementedError"}, "check": {"NameError", "AssertionError"}}
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +142,10 @@ def test_solutions_pass_every_check_of_the_key(out, chapter):
     assert all(r.earned == r.points for r in results), ma.summary(chapter.name, results)
 
 
-@pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda p: p.stem)
-def test_student_notebook_runs_and_fails_only_at_its_exercises(out, chapter):
+def test_student_notebook_runs_and_fails_only_at_its_exercises(out):
+    """The grader's own run of a whole student notebook, on chapter 0 (every chapter's student view runs under
+    nbval, see the module's docstring)."""
+    chapter = CHAPTERS[0]
     student = out / "student" / chapter.name
     key = json.loads((out / "autograder" / f"{chapter.stem}.json").read_text())
     results, executed = ma.grade_notebook(nbformat.read(student, as_version=4), key, student.parent)
@@ -152,7 +156,7 @@ def test_student_notebook_runs_and_fails_only_at_its_exercises(out, chapter):
             continue
         role = cell.metadata.get("effnb", {}).get("role")
         assert index >= first and role, f"cell {index} (not an exercise cell) failed: {error}"
-        assert error.split(":")[0] in STUDENT_ERRORS[role], f"{role} cell {index} failed with {error}"
+        assert error.split(":")[0] in ma.STUDENT_ERRORS[role], f"{role} cell {index} failed with {error}"
     assert [r.earned for r in results] == [0] * len(results), f"a check passes with no solution: {ma.summary(chapter.name, results)}"
 
 
@@ -330,3 +334,46 @@ def test_every_exercise_has_hidden_tests(chapter):
     without = {ex.number for ex in exercises if ma.count_asserts(ma.split_check(ex.check)[1]) == 0}
     assert not without, \
         f"{chapter.stem}: exercises {sorted(without)} have no assert after a '# HIDDEN TESTS' line in their check cell"
+
+
+# --- the student's view under nbval (scripts/make_assignments.py: with_student_view; conftest.py) ---------------
+def run_composite(chapter: Path) -> list[str]:
+    """Execute ``chapter`` with the student's view inserted, as `make test` does under nbval; return the error
+    of each code cell that failed (nbclient, no stop at the first error)."""
+    from nbclient import NotebookClient
+
+    composite = ma.with_student_view(nbformat.read(chapter, as_version=4), chapter.name)
+    NotebookClient(composite, kernel_name="python3", allow_errors=True, timeout=60,
+                   resources={"metadata": {"path": str(chapter.parent)}}).execute()
+    return [ma.cell_error(c) for c in composite.cells if c.cell_type == "code" and ma.cell_error(c)]
+
+
+def test_student_view_runs_stubs_and_reference_checks_before_the_solutions(tmp_path):
+    chapter = exercise_chapter(tmp_path / "97_view.ipynb", [
+        ("add one", "Store `base + 1` in `two`.", "two = base + 1", "assert two == 2\n# HIDDEN TESTS\nassert two - base == 1"),
+        ("add", "Write `add(a, b)`.", "def add(a, b):\n    return a + b", "assert add(1, 2) == 3")])
+    source = nbformat.read(chapter, as_version=4)
+    composite = ma.with_student_view(source)
+    assert len(composite.cells) == len(source.cells) + 4               # two stubs and two checks, before the exercises
+    view = [c.source for c in composite.cells[2:6]]                 # after `base = 1` and the first heading
+    assert all(c.startswith("# The student's view of exercise") for c in view)
+    assert "NotImplementedError" in view[0] and "HIDDEN TESTS" in view[1], "the stub, then the reference check"
+    assert composite.cells[6:] == source.cells[2:], "then the chapter's own exercise cells, unchanged"
+    assert run_composite(chapter) == []
+
+
+@pytest.mark.parametrize("broken, message", [
+    ("between", "NameError"),                                          # a cell between the exercises reads a solution
+    ("check", "its check passes with the solution stubbed"),           # a check that passes without its solution
+])
+def test_student_view_fails_where_the_student_notebook_would(tmp_path, broken, message):
+    check = "assert True" if broken == "check" else "assert two == 2"
+    chapter = exercise_chapter(tmp_path / "96_broken.ipynb", [
+        ("add one", "Store `base + 1` in `two`.", "two = base + 1", check),
+        ("add two", "Store `base + 2` in `three`.", "three = base + 2", "assert three == 3")])
+    if broken == "between":
+        nb = nbformat.read(chapter, as_version=4)
+        nb.cells.insert(4, nbformat.v4.new_code_cell("print(two * 10)"))
+        nbformat.write(nb, chapter)
+    errors = run_composite(chapter)
+    assert len(errors) == 1 and message in errors[0], errors

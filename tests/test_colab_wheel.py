@@ -2,9 +2,13 @@
 
 What Colab does with a chapter: install ``effnb`` (the first cell does it when it is missing), then
 run every cell from a folder that is not the repository. Here the wheel is built with
-``pip wheel --no-deps``, installed into a new venv with ``-c constraints.txt`` (so torch is the CPU
-build on disk; pip's cache makes this one to two minutes), and chapter 0, the cheapest, runs there
-with papermill on the ci profile from a temporary folder, so the source tree is not on sys.path.
+``pip wheel --no-deps`` and installed, alone, into a new venv whose dependencies are the book's pinned
+ones, seen through a ``.pth`` line naming this venv's site-packages (re-installing torch and the rest
+cost two minutes of every ``make test``; resolving them against ``constraints.txt`` is what ``make env``
+already does). ``pip check`` then confirms that the wheel's declared requirements are met by those
+pins, and chapter 0, the cheapest, runs there with papermill on the ci profile from a temporary
+folder, so the source tree is not on sys.path (a ``.pth`` line adds a folder, and the editable
+install's own ``.pth`` file in that folder is not processed).
 The install cell finds effnb and does nothing; the network stays blocked (EFFNB_BLOCK_NETWORK=1).
 Its executed copy is then graded with chapter 0's answer key: the book's solutions pass the
 autograder on a fresh execution.
@@ -15,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import nbformat
@@ -45,15 +50,20 @@ def clean_env() -> dict:
 
 @pytest.fixture(scope="module")
 def fresh_venv(tmp_path_factory) -> Path:
-    """A new venv with only the effnb wheel (and papermill + ipykernel to run a notebook)."""
+    """A new venv holding the effnb wheel, its dependencies (and papermill + ipykernel) taken from the book's venv."""
     base = tmp_path_factory.mktemp("colab")
     run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(base / "dist"), str(ROOT)], ROOT)
     wheels = list((base / "dist").glob("effnb-*.whl"))
     assert len(wheels) == 1, wheels
     venv = base / "venv"
-    run([sys.executable, "-m", "venv", str(venv)], base, clean_env())
-    run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-         "-c", str(ROOT / "constraints.txt"), str(wheels[0]), "papermill", "ipykernel"], base, clean_env())
+    run([sys.executable, "-m", "venv", "--without-pip", str(venv)], base, clean_env())  # its own pip would bring an old setuptools
+    python = str(venv / "bin" / "python")
+    pip = [sys.executable, "-m", "pip", "--python", python, "--disable-pip-version-check"]
+    site = Path(run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], base, clean_env()).strip())
+    run([*pip, "install", "-q", "--no-deps", "--no-index", str(wheels[0])],
+        base, clean_env())  # before the .pth line, so pip does not take the book's editable effnb for this wheel
+    (site / "effnb_book_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    run([*pip, "check"], base, clean_env())
     return venv
 
 

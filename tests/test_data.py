@@ -482,3 +482,11 @@ def test_load_nyud_downloads_verifies_and_unpacks_once_a_sha256_is_recorded(tmp_
     scenes = data.load_nyud(target, split="val", download=True)
     assert len(scenes) == 1 and (target / "NYUD_MT" / "gt_sets" / "train.txt").exists()
     assert sorted(p.name for p in target.iterdir()) == ["NYUD_MT", "NYUD_MT.tgz"], "no temporary folder stays"
+
+
+def test_split_to_keeps_the_tensors_and_the_class_count():
+    split = data.load_digits(size=8)
+    moved = split.to("cpu")
+    assert moved.num_classes == split.num_classes and moved.x_train.device.type == "cpu"
+    assert torch.equal(moved.x_test, split.x_test) and torch.equal(moved.y_train, split.y_train)
+

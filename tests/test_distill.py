@@ -250,6 +250,15 @@ def test_init_takes_correctly_classified_images_and_averages_the_right_experts_l
     assert plain.soft_labels.tolist()[0] == [10.0, 0.0] and plain.images.requires_grad and plain.lr.requires_grad
 
 
+def test_expert_soft_labels_average_only_the_right_experts_and_all_when_none_is_right():
+    y = torch.tensor([0, 1])
+    logits = torch.tensor([[[2.0, 0], [3, 0]],     # expert 0: right on image 0, wrong on image 1
+                           [[0.0, 1], [5, 1]]])    # expert 1: wrong on both
+    labels, right = D.expert_soft_labels(logits, y)
+    torch.testing.assert_close(labels, torch.tensor([[2.0, 0], [4, 0.5]]))   # image 1: the mean of both
+    assert right.tolist() == [True, False]
+
+
 def test_expert_logits_equal_the_model_loaded_with_each_expert():
     split = tiny_split()
     model = ConvNet(1, 3, 4, 2, 8)
@@ -404,3 +413,57 @@ def test_library_errors_name_the_fix(tmp_path):
     for call, error, message in cases:
         with pytest.raises(error, match=re.escape(message)):
             call()
+
+
+# ----------------------------------------------------------------------------- Chapter 4's parameters and experts
+CHAPTER = ROOT / "notebooks" / "04_lad.ipynb"
+
+
+def run_chapter_head(upto: str, **parameters) -> dict:
+    """Execute Chapter 4's code cells in this process, from its parameters cell (``parameters`` injected after
+    it, as papermill does) to the first cell containing ``upto``; return the chapter's namespace."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+    import nbformat
+
+    cells = [c for c in nbformat.read(CHAPTER, as_version=4).cells if c.cell_type == "code"]
+    start = next(i for i, c in enumerate(cells) if "parameters" in c.metadata.get("tags", []))
+    namespace: dict = {}
+    threads = torch.get_num_threads()
+    try:
+        with matplotlib.rc_context():
+            exec(cells[start].source, namespace)
+            namespace.update(parameters)
+            for cell in cells[start + 1:]:
+                exec(cell.source, namespace)
+                if upto in cell.source:
+                    return namespace
+    finally:
+        torch.set_num_threads(threads)
+        plt.close("all")
+    raise AssertionError(f"no code cell of {CHAPTER.name} contains {upto!r}")
+
+
+@pytest.mark.parametrize("parameters, error, message", [
+    ({"DOWNLOAD": "yes"}, ValueError, "DOWNLOAD='yes' must be True or False"),
+    ({"CIFAR_ROOT": "data/cifar10"}, ValueError, "CIFAR_ROOT needs PROFILE = 'full'"),
+    ({"DOWNLOAD": True}, ValueError, "DOWNLOAD = True needs CIFAR_ROOT"),
+    ({"EXPERTS_DIR": "no/such/folder"}, FileNotFoundError, "needs subfolders b10 and b50; make them with"),
+    ({"IPC": 0}, ValueError, "IPC"),
+])
+def test_chapter_refuses_bad_parameters_before_any_work(parameters, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        run_chapter_head('DATA = "cifar10" if CIFAR_ROOT', **parameters)
+
+
+def test_chapter_reads_the_experts_the_script_makes_and_refuses_other_shapes(tmp_path):
+    for beta in (10, 50):
+        assert make_experts.main(["--experts", "2", "--imbalance", str(beta), "--out", str(tmp_path / "ok" / f"b{beta}")]) == 0
+        assert make_experts.main([*TINY, "--imbalance", str(beta), "--out", str(tmp_path / "other" / f"b{beta}")]) == 0
+    chapter = run_chapter_head("experts, expert_seconds = {}, {}", EXPERTS_DIR=str(tmp_path / "ok"))
+    made = D.make_expert(chapter["splits"][50], chapter["CONFIG"], D.expert_seed(0, 1))
+    assert chapter["experts"][50]["stage1"].shape[:2] == (2, chapter["CONFIG"].epochs + 1)
+    assert torch.equal(chapter["experts"][50]["stage1"][1], made["stage1"]), "the script makes the chapter's own experts"
+    assert torch.equal(chapter["experts"][50]["stage2"][1], made["stage2"])
+    with pytest.raises(ValueError, match=re.escape("make them with scripts/make_experts.py --width 16 --depth 2")):
+        run_chapter_head("experts, expert_seconds = {}, {}", EXPERTS_DIR=str(tmp_path / "other"))
