@@ -48,8 +48,9 @@ grade: $(STAMP)  ## grade SUBMISSIONS=folder of student notebooks against CHAPTE
 	$(BIN)/python scripts/make_assignments.py
 	$(BIN)/python scripts/make_assignments.py grade --chapter $(CHAPTER) $(SUBMISSIONS) --out $(SUBMISSIONS)/grades.csv
 
-full-edition: $(STAMP)  ## run every chapter with PROFILE=full (needs a GPU) and render _build/full/html
-	$(BIN)/python scripts/build_full_edition.py
+GPUS ?=
+full-edition: $(STAMP)  ## run every chapter with PROFILE=full (needs a GPU; several GPUs run chapters in parallel, GPUS=0,1 picks them) and render _build/full/html
+	$(BIN)/python scripts/build_full_edition.py $(if $(GPUS),--gpus $(GPUS))
 
 gpu-smoke: $(STAMP)  ## on a GPU: every chapter's full-profile path, cut short (<= 8 min); writes data/results/gpu-smoke.json
 	$(BIN)/python scripts/gpu_smoke.py

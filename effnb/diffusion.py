@@ -28,8 +28,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DiTTransformer2DModel, UNet2
 from tqdm import tqdm
 
 from effnb.config import PROFILES, Profile, check_choice, progress_enabled
-from effnb.data import atomic_path, check_sha256, read_sha256sums, sha256_of, write_sha256sums
-from effnb.train import load_checkpoint, read_checkpoint_metadata, save_checkpoint
+from effnb.train import load_checkpoint, read_listed_checkpoint, save_listed_checkpoint
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -568,7 +567,6 @@ MAKE_SCRIPT = "python scripts/make_diffusion_checkpoints.py"
 DIT4X64_SNAPSHOTS: tuple[int, ...] = (500, 2000)
 REFERENCE_NAMES: tuple[str, ...] = ("dit_digits8", "unet_digits8", "classifier_digits8", "dit4x64_digits8",
                                     *(f"dit4x64_digits8_step{s}" for s in DIT4X64_SNAPSHOTS))
-_MANIFEST = "SHA256SUMS"
 
 
 def _model_kind(model: torch.nn.Module) -> str:
@@ -583,6 +581,7 @@ def save_reference(model: torch.nn.Module, name: str, metadata: dict[str, str] |
                    directory: Path | str = CHECKPOINT_DIR, config: dict | None = None) -> str:
     """Save ``model`` as ``<directory>/<name>.safetensors`` with its config, and record its
     sha256 in ``<directory>/SHA256SUMS`` (``sha256sum -c`` format). Returns the sha256.
+    Written by :func:`effnb.train.save_listed_checkpoint`, which the vision tower of Chapter 9 uses too.
 
     diffusers models carry their config; pass ``config`` (constructor keyword arguments) for an
     ``effnb.models.SmallCNN`` classifier. Crash-safe: the weights are written and hashed under a
@@ -591,21 +590,12 @@ def save_reference(model: torch.nn.Module, name: str, metadata: dict[str, str] |
     therefore leaves either the old checkpoint, readable, or a missing entry whose error names the
     script, never weights that disagree with their entry. Introduced in Chapter 2.
     """
-    directory = Path(directory)
     kind = _model_kind(model)
     if kind == "classifier" and config is None:
         raise ValueError("save_reference needs config=... (the SmallCNN keyword arguments) for a classifier.")
     model_config = json.loads(json.dumps(dict(model.config), default=list)) if kind != "classifier" else config
-    path, manifest = directory / f"{name}.safetensors", directory / _MANIFEST
-    with atomic_path(path) as tmp:
-        save_checkpoint(model, tmp, {"kind": kind, "config": model_config, **(metadata or {})})
-        digest = sha256_of(tmp)
-        digests = read_sha256sums(manifest)
-        if path.name in digests:                    # 1. drop the old entry
-            write_sha256sums(manifest, {n: d for n, d in digests.items() if n != path.name})
-    # 2. the new weights are in place (atomic_path renamed them); 3. record them
-    write_sha256sums(manifest, read_sha256sums(manifest) | {path.name: digest})
-    return digest
+    return save_listed_checkpoint(model, Path(directory) / f"{name}.safetensors",
+                                  {"kind": kind, "config": model_config, **(metadata or {})})
 
 
 _KINDS: tuple[str, ...] = ("dit", "unet", "classifier")
@@ -633,12 +623,8 @@ def load_reference(name: str, directory: Path | str = CHECKPOINT_DIR,
     path = directory / f"{name}.safetensors"
     if directory == CHECKPOINT_DIR:
         check_choice("name", name, REFERENCE_NAMES)
-    expected = read_sha256sums(directory / _MANIFEST).get(path.name)
-    if not path.exists() or expected is None:
-        raise FileNotFoundError(f"Checkpoint {path} or its sha256 entry is missing; re-create it with `{MAKE_SCRIPT}`.")
     fix = f"re-create it with `{MAKE_SCRIPT}`"
-    check_sha256(path, expected, fix, label=f"Checkpoint {path}")
-    metadata = read_checkpoint_metadata(path)
+    metadata = read_listed_checkpoint(path, fix, label=f"Checkpoint {path}")
     if "kind" not in metadata or "config" not in metadata:
         raise ValueError(f"Checkpoint {path} lacks the metadata 'kind', 'config' that save_reference writes; {fix}.")
     if metadata["kind"] not in _KINDS:

@@ -30,8 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from effnb.config import check_count, progress_enabled
-from effnb.train import load_checkpoint, read_checkpoint_metadata, save_checkpoint
-from effnb.data import (atomic_path, check_sha256, read_sha256sums, sha256_of, write_sha256sums)
+from effnb.train import load_checkpoint, read_listed_checkpoint, save_listed_checkpoint
 from effnb.data import ANSWERS, QUADRANTS, QUESTION_COLOURS, QUESTION_SHAPES, QUESTION_TYPES, QuestionScenes
 
 __all__ = ["CHECKPOINT", "Consumer", "Encoded", "MAKE_SCRIPT", "Reduce", "answer_accuracy", "encode", "fit_consumer",
@@ -59,14 +58,9 @@ def vision_tower(image_size: int = 32, patch_size: int = 4, width: int = 64, lay
 
 def save_vision_tower(tower, path: str | Path, settings: dict, metadata: dict | None = None) -> str:
     """Save ``tower`` with the :func:`vision_tower` keyword arguments ``settings`` (and ``metadata``) as
-    safetensors, and record its sha256 in ``SHA256SUMS`` beside it. Returns the sha256."""
-    path = Path(path)
-    manifest = path.parent / "SHA256SUMS"
-    with atomic_path(path) as tmp:
-        save_checkpoint(tower, tmp, {"settings": settings, **(metadata or {})})
-        digest = sha256_of(tmp)
-    write_sha256sums(manifest, read_sha256sums(manifest) | {path.name: digest})
-    return digest
+    safetensors, and record its sha256 in ``SHA256SUMS`` beside it (:func:`effnb.train.save_listed_checkpoint`,
+    crash-safe). Returns the sha256."""
+    return save_listed_checkpoint(tower, path, {"settings": settings, **(metadata or {})})
 
 
 def load_vision_tower(path: str | Path = CHECKPOINT, device: torch.device | str = "cpu"):
@@ -74,12 +68,7 @@ def load_vision_tower(path: str | Path = CHECKPOINT, device: torch.device | str 
     ``SHA256SUMS``; returns ``(tower in eval mode, metadata)``. A missing or changed file raises an error
     naming the script that re-creates it."""
     path = Path(path)
-    expected = read_sha256sums(path.parent / "SHA256SUMS").get(path.name)
-    if not path.exists() or expected is None:
-        raise FileNotFoundError(f"The vision tower {path} or its sha256 entry is missing; re-create it with "
-                                f"`{MAKE_SCRIPT}`.")
-    check_sha256(path, expected, f"re-create it with `{MAKE_SCRIPT}`", label=f"The vision tower {path}")
-    metadata = read_checkpoint_metadata(path)
+    metadata = read_listed_checkpoint(path, f"re-create it with `{MAKE_SCRIPT}`", label=f"The vision tower {path}")
     tower = vision_tower(**metadata["settings"])
     load_checkpoint(tower, path)
     return tower.to(device).eval(), metadata

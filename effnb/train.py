@@ -15,10 +15,13 @@ from torch import nn
 from tqdm import tqdm
 
 from effnb.config import check_count, progress_enabled
-from effnb.data import DenseScenes, atomic_path, check_sha256
+from effnb.data import DenseScenes, atomic_path, check_sha256, read_sha256sums, sha256_of, write_sha256sums
 
 __all__ = ["Accuracy", "DENSE_METRICS", "DenseMetrics", "History", "delta_m", "dense_metrics", "evaluate", "fit",
-           "load_checkpoint", "read_checkpoint_metadata", "save_checkpoint"]
+           "load_checkpoint", "read_checkpoint_metadata", "read_listed_checkpoint", "save_checkpoint",
+           "save_listed_checkpoint"]
+
+MANIFEST = "SHA256SUMS"  # the sha256 list beside the repository's checkpoints (``sha256sum -c`` format)
 
 
 @dataclass
@@ -170,6 +173,44 @@ def load_checkpoint(model: nn.Module, path: str | Path, sha256: str | None = Non
         check_sha256(path, sha256, "save it again, or pass the sha256 of the file you meant")
     model.load_state_dict(load_file(str(path), device=str(_device_of(model))))
     return metadata
+
+
+def save_listed_checkpoint(model: nn.Module, path: str | Path, metadata: dict) -> str:
+    """Save ``model`` with :func:`save_checkpoint` and record its sha256 in ``SHA256SUMS`` beside it;
+    return the sha256. The book's reference checkpoints (Chapters 2, 5, 6, 9) are written this way.
+
+    Crash-safe: the weights are written and hashed under a temporary name first; then the list loses
+    the file's old entry, the weights are renamed into place, and the list gains the new entry, each
+    step an atomic ``os.replace``. An interrupt therefore leaves either the old checkpoint, readable,
+    or a missing entry (whose error names the fix), never weights that disagree with their entry.
+    """
+    path = Path(path)
+    manifest = path.parent / MANIFEST
+    with atomic_path(path) as tmp:
+        save_checkpoint(model, tmp, metadata)
+        digest = sha256_of(tmp)
+        digests = read_sha256sums(manifest)
+        if path.name in digests:                    # 1. drop the old entry
+            write_sha256sums(manifest, {n: d for n, d in digests.items() if n != path.name})
+    # 2. the new weights are in place (atomic_path renamed them); 3. record them
+    write_sha256sums(manifest, read_sha256sums(manifest) | {path.name: digest})
+    return digest
+
+
+def read_listed_checkpoint(path: str | Path, fix: str, label: str) -> dict:
+    """Check a :func:`save_listed_checkpoint` file against its ``SHA256SUMS`` entry and return its metadata.
+
+    A missing file or entry raises ``FileNotFoundError``, a changed byte ``ValueError``; both messages
+    start with ``label`` (e.g. "Checkpoint data/checkpoints/x.safetensors") and end with ``fix``
+    (e.g. "re-create it with `python scripts/...`"). Load the weights afterwards with
+    :func:`load_checkpoint` into the model the metadata describes.
+    """
+    path = Path(path)
+    expected = read_sha256sums(path.parent / MANIFEST).get(path.name)
+    if not path.exists() or expected is None:
+        raise FileNotFoundError(f"{label} or its sha256 entry is missing; {fix}.")
+    check_sha256(path, expected, fix, label=label)
+    return read_checkpoint_metadata(path)
 
 
 # ----------------------------------------------------------------------------- dense prediction (Chapter 7)

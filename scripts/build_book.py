@@ -98,8 +98,9 @@ def render(stage: Path | None = None, html: Path | None = None) -> int:
 
 
 def build(execute: bool = True, build_dir: Path | None = None, profile: str = "ci",
-          notebooks: list[Path] | None = None) -> int:
-    """Stage, (optionally) execute on ``profile``, fill the report and render into ``build_dir``/html."""
+          notebooks: list[Path] | None = None, gpus: str | None = None) -> int:
+    """Stage, (optionally) execute on ``profile``, fill the report and render into ``build_dir``/html.
+    ``gpus`` ("0,1") spreads a full-profile run over those GPUs (default: every visible one)."""
     build_dir = build_dir or BUILD
     stage, claims = build_dir / "src", build_dir / "claims"
     stage_sources(stage)
@@ -109,6 +110,7 @@ def build(execute: bool = True, build_dir: Path | None = None, profile: str = "c
     if execute:
         executed = build_dir / "executed"
         args = ["--out", str(executed), "--runtimes", str(stage / "book" / "runtimes.md"), "--profile", profile]
+        args += ["--gpus", gpus] if gpus else []
         code = run_notebooks.main(args + [str(p) for p in notebooks or []])
         if code:
             return code

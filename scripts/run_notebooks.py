@@ -3,11 +3,18 @@
   python scripts/run_notebooks.py --out _build/executed          # executed copies elsewhere
   python scripts/run_notebooks.py --refresh                      # store ci outputs in notebooks/
   python scripts/run_notebooks.py --out DIR --runtimes book/runtimes.md   # the benchmark
+  python scripts/run_notebooks.py --out DIR --profile full --gpus 0,1,2,3 # four chapters at a time
 
 The sources in notebooks/ are only written with --refresh, and only by a run that succeeded: each
 notebook executes into a temporary file beside it that replaces the source at the end (os.replace),
 so a failing chapter leaves its source as it was. Offline by default: the runs set
 HF_HUB_OFFLINE=1 and EFFNB_BLOCK_NETWORK=1 unless --allow-network is given.
+
+On the full profile with several GPUs visible (or named with --gpus), the chapters run in parallel,
+one per GPU: each in its own papermill process that sees only its GPU (CUDA_VISIBLE_DEVICES), the
+next chapter in _toc.yml order starting on whichever GPU frees up first. With one GPU, or on the
+ci profile, they run one after another in this process. A measured time is then the chapter's own
+wall time on its GPU.
 """
 from __future__ import annotations
 
@@ -15,8 +22,12 @@ import argparse
 import datetime as dt
 import os
 import platform
+import queue
+import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import nbformat
@@ -79,6 +90,56 @@ def execute(notebook: Path, output: Path, profile: str) -> float:
     return time.perf_counter() - start
 
 
+def execute_on_gpu(notebook: Path, output: Path, profile: str, gpu: str) -> float:
+    """Run one notebook with papermill in a process that sees only GPU ``gpu`` (``CUDA_VISIBLE_DEVICES``);
+    return its wall time in seconds. Raises ``RuntimeError`` with papermill's last lines when it fails."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "papermill", str(notebook), str(output), "-k", "python3", "--cwd",
+               str(output.parent), "--no-progress-bar", "-p", "PROFILE", profile]
+    start = time.perf_counter()
+    done = subprocess.run(command, env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu}, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{notebook.name} failed on GPU {gpu}: {done.stderr.strip()[-800:]}")
+    return time.perf_counter() - start
+
+
+def schedule(notebooks: Sequence[Path], devices: Sequence[str], run_one: Callable[[Path, str], float]) -> dict[Path, float]:
+    """Run ``run_one(notebook, device)`` for every notebook, at most one notebook per device at a time and
+    ``len(devices)`` at once, starting them in the given order as devices free up; return each one's time.
+
+    Every notebook runs even when another fails; the first failure is raised at the end.
+    """
+    if not devices:
+        raise ValueError("no devices to run on; pass at least one (e.g. ['0']).")
+    free: queue.Queue[str] = queue.Queue()
+    for device in devices:
+        free.put(device)
+
+    def task(notebook: Path) -> float:
+        device = free.get()
+        try:
+            return run_one(notebook, device)
+        finally:
+            free.put(device)
+
+    with ThreadPoolExecutor(max_workers=len(devices)) as pool:
+        futures = [pool.submit(task, nb) for nb in notebooks]
+    errors = [f.exception() for f in futures if f.exception() is not None]
+    if errors:
+        raise errors[0]
+    return {nb: f.result() for nb, f in zip(notebooks, futures)}
+
+
+def visible_gpus(requested: str | None) -> list[str]:
+    """The GPUs to spread chapters over: ``requested`` ("0,2") or every CUDA device torch sees."""
+    if requested:
+        gpus = [g.strip() for g in requested.split(",") if g.strip()]
+        if not gpus or not all(g.isdigit() for g in gpus):
+            raise ValueError(f"--gpus {requested!r} must list GPU indices separated by commas, e.g. --gpus 0,1.")
+        return gpus
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
 def refresh(notebook: Path) -> float:
     """Run ``notebook`` on the ci profile and store its outputs in it, only if every cell succeeds.
 
@@ -125,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="ci", choices=["ci", "full"])
     parser.add_argument("--runtimes", type=Path, help="write the run-time table (Markdown) here")
     parser.add_argument("--allow-network", action="store_true", help="let the notebooks reach the internet")
+    parser.add_argument("--gpus", help="full profile: GPU indices to run chapters on in parallel, e.g. 0,1 "
+                                       "(default: every visible GPU; one GPU runs them one after another)")
     args = parser.parse_args(argv)
 
     notebooks = [p.resolve() for p in args.notebooks] or toc_notebooks()
@@ -137,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.allow_network:
         os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", EFFNB_BLOCK_NETWORK="1")
 
+    try:
+        gpus = visible_gpus(args.gpus) if args.profile == "full" else []
+    except ValueError as err:
+        parser.error(str(err))
+    if len(gpus) > 1:
+        return run_in_parallel(notebooks, gpus, args)
     times: dict[str, float] = {}
     for notebook in notebooks:
         print(f"running {notebook.name} ({args.profile}) ...", flush=True)
@@ -147,6 +216,31 @@ def main(argv: list[str] | None = None) -> int:
             print(f"FAILED {notebook.name}: {err.ename}: {err.evalue}", file=sys.stderr)
             return 1
         print(f"  {times[notebook.stem]:.1f} s", flush=True)
+    return finish(times, args)
+
+
+def run_in_parallel(notebooks: list[Path], gpus: list[str], args: argparse.Namespace) -> int:
+    """The full profile on several GPUs: :func:`schedule` with :func:`execute_on_gpu`."""
+    print(f"running {len(notebooks)} chapters ({args.profile}) on GPUs {', '.join(gpus)}, one chapter per GPU ...",
+          flush=True)
+
+    def run_one(notebook: Path, gpu: str) -> float:
+        seconds = execute_on_gpu(notebook, args.out / notebook.name, args.profile, gpu)
+        print(f"  {notebook.name}: {seconds:.1f} s on GPU {gpu}", flush=True)
+        return seconds
+
+    start = time.perf_counter()
+    try:
+        times = {nb.stem: s for nb, s in schedule(notebooks, gpus, run_one).items()}
+    except RuntimeError as err:
+        print(f"FAILED {err}", file=sys.stderr)
+        return 1
+    print(f"wall time {time.perf_counter() - start:.1f} s on {len(gpus)} GPUs")
+    return finish(times, args)
+
+
+def finish(times: dict[str, float], args: argparse.Namespace) -> int:
+    """Write the run-time table when asked and print the total."""
     if args.runtimes:
         args.runtimes.parent.mkdir(parents=True, exist_ok=True)
         args.runtimes.write_text(runtime_table(times, args.profile))

@@ -8,6 +8,8 @@ import torch
 
 from conftest import skip_or_fail
 from effnb import diffusion as D
+from effnb import train
+from effnb.data import sha256_of
 from effnb.models import SmallCNN
 
 
@@ -301,7 +303,7 @@ def test_a_crash_after_the_weights_keeps_the_old_checkpoint_readable(tmp_path, m
     def crash(path):  # the old code wrote the weights, then died hashing them for the manifest
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(D, "sha256_of", crash)
+    monkeypatch.setattr(train, "sha256_of", crash)   # save_reference writes through effnb.train.save_listed_checkpoint
     with pytest.raises(KeyboardInterrupt):
         D.save_reference(SmallCNN(width=4), "clf", directory=tmp_path, config={"width": 4})
     monkeypatch.undo()
@@ -344,7 +346,7 @@ def _hand_made_checkpoint(directory, metadata):
     from effnb.train import save_checkpoint
 
     path = save_checkpoint(SmallCNN(width=4), directory / "odd.safetensors", metadata)
-    (directory / "SHA256SUMS").write_text(f"{D.sha256_of(path)}  odd.safetensors\n")
+    (directory / "SHA256SUMS").write_text(f"{sha256_of(path)}  odd.safetensors\n")
 
 
 def test_an_unknown_kind_is_refused_in_one_sentence(tmp_path):

@@ -136,3 +136,76 @@ def test_refresh_stores_the_outputs_when_the_notebook_succeeds(tmp_path):
     cell = nbformat.read(source, as_version=4).cells[0]
     assert cell.outputs[0]["text"] == "42\n" and "papermill" not in cell.metadata
     assert [p.name for p in tmp_path.iterdir()] == ["00_works.ipynb"]
+
+
+# --- the full edition on several GPUs (scripts/run_notebooks.py: schedule) ---------------------------
+def fake_chapters(tmp_path: Path, n: int) -> list[Path]:
+    """``n`` empty chapter files (the scheduler only passes their paths on)."""
+    paths = [tmp_path / f"{i:02d}_chapter.ipynb" for i in range(n)]
+    for path in paths:
+        nbformat.write(nbformat.v4.new_notebook(), path)
+    return paths
+
+
+class FakeGpus:
+    """A stand-in for running a chapter: records which GPU ran what, and how many ran at once on each."""
+
+    def __init__(self, seconds: float = 0.15, fail: str | None = None):
+        import threading
+
+        self.seconds, self.fail, self.lock = seconds, fail, threading.Lock()
+        self.running: dict[str, int] = {}
+        self.started: list[tuple[str, str]] = []
+        self.most_at_once = 0
+
+    def __call__(self, notebook: Path, gpu: str) -> float:
+        import time
+
+        with self.lock:
+            self.running[gpu] = self.running.get(gpu, 0) + 1
+            assert self.running[gpu] == 1, f"two chapters at once on GPU {gpu}"
+            self.started.append((notebook.name, gpu))
+            self.most_at_once = max(self.most_at_once, sum(self.running.values()))
+        time.sleep(self.seconds)
+        with self.lock:
+            self.running[gpu] -= 1
+        if notebook.name == self.fail:
+            raise RuntimeError(f"{notebook.name} failed on GPU {gpu}")
+        return self.seconds
+
+
+def test_schedule_runs_one_chapter_per_gpu_and_all_gpus_at_once(tmp_path):
+    chapters, gpus = fake_chapters(tmp_path, 5), FakeGpus()
+    times = run_notebooks.schedule(chapters, ["0", "1"], gpus)
+    assert list(times) == chapters and all(t == gpus.seconds for t in times.values())
+    assert gpus.most_at_once == 2 and {gpu for _, gpu in gpus.started} == {"0", "1"}
+    assert [name for name, _ in gpus.started][:2] == [chapters[0].name, chapters[1].name]   # _toc.yml order
+
+
+def test_schedule_on_one_gpu_runs_the_chapters_one_after_another_in_order(tmp_path):
+    chapters, gpus = fake_chapters(tmp_path, 3), FakeGpus(seconds=0.05)
+    run_notebooks.schedule(chapters, ["0"], gpus)
+    assert gpus.most_at_once == 1 and gpus.started == [(c.name, "0") for c in chapters]
+
+
+def test_schedule_runs_every_chapter_before_reporting_a_failure(tmp_path):
+    chapters = fake_chapters(tmp_path, 4)
+    gpus = FakeGpus(seconds=0.05, fail=chapters[0].name)
+    with pytest.raises(RuntimeError, match="00_chapter.ipynb failed on GPU"):
+        run_notebooks.schedule(chapters, ["0", "1"], gpus)
+    assert sorted(name for name, _ in gpus.started) == [c.name for c in chapters]
+
+
+def test_full_profile_spreads_chapters_over_the_visible_gpus(tmp_path, monkeypatch, capsys):
+    chapters, gpus = fake_chapters(tmp_path, 3), FakeGpus(seconds=0.05)
+    monkeypatch.setattr(run_notebooks.torch.cuda, "device_count", lambda: 3)
+    assert run_notebooks.visible_gpus(None) == ["0", "1", "2"] and run_notebooks.visible_gpus("1, 3") == ["1", "3"]
+    monkeypatch.setattr(run_notebooks, "execute_on_gpu", lambda nb, out, profile, gpu: gpus(nb, gpu))
+    runtimes = tmp_path / "runtimes.md"
+    assert run_notebooks.main(["--out", str(tmp_path / "out"), "--profile", "full", "--gpus", "0,1",
+                               "--runtimes", str(runtimes), *map(str, chapters)]) == 0
+    assert gpus.most_at_once == 2 and "on GPUs 0, 1" in capsys.readouterr().out
+    assert all(f"| {c.stem} |" in runtimes.read_text() for c in chapters)
+    with pytest.raises(SystemExit):
+        run_notebooks.main(["--out", str(tmp_path / "out"), "--profile", "full", "--gpus", "first", str(chapters[0])])
+    assert "--gpus 'first' must list GPU indices separated by commas" in capsys.readouterr().err

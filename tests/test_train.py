@@ -109,6 +109,44 @@ def test_an_interrupted_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"], "no temporary file may stay"
 
 
+def test_listed_checkpoints_record_their_sha256_and_refuse_changed_or_unlisted_files(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "m.safetensors"
+    digest = train.save_listed_checkpoint(SmallCNN(width=4), path, {"version": 1})
+    assert (tmp_path / "SHA256SUMS").read_text() == f"{digest}  m.safetensors\n" and digest == sha256_of(path)
+    assert train.read_listed_checkpoint(path, "re-create it with `make x`", "Checkpoint m") == {"version": 1}
+    second = train.save_listed_checkpoint(SmallCNN(width=8), path, {"version": 2})   # the entry follows the file
+    assert second != digest and (tmp_path / "SHA256SUMS").read_text().count("m.safetensors") == 1
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"Checkpoint m is corrupt .*; re-create it with `make x`"):
+        train.read_listed_checkpoint(path, "re-create it with `make x`", "Checkpoint m")
+    (tmp_path / "SHA256SUMS").write_text("")
+    with pytest.raises(FileNotFoundError, match=r"^Checkpoint m or its sha256 entry is missing; re-create it with `make x`\.$"):
+        train.read_listed_checkpoint(path, "re-create it with `make x`", "Checkpoint m")
+
+
+def test_an_interrupted_listed_save_leaves_no_entry_for_weights_it_did_not_write(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    path = tmp_path / "m.safetensors"
+    train.save_listed_checkpoint(SmallCNN(width=4), path, {"version": 1})
+    real = train.write_sha256sums
+    calls = []
+
+    def crash_after_dropping(manifest, digests):      # the interrupt hits between steps 1 and 3
+        real(manifest, digests)
+        calls.append(digests)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "write_sha256sums", crash_after_dropping)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_listed_checkpoint(SmallCNN(width=8), path, {"version": 2})
+    assert calls == [{}], "the old entry went first"
+    with pytest.raises(FileNotFoundError, match="sha256 entry is missing"):
+        train.read_listed_checkpoint(path, "re-create it", "Checkpoint m")
+
+
 # ------------------------------------------------------------------ bad input: one sentence each
 @pytest.mark.parametrize("epochs", [1.5, "3", True])
 def test_fractional_or_non_int_epochs_are_refused(digits, epochs):
