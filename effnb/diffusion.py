@@ -28,7 +28,8 @@ from diffusers import DDIMScheduler, DDPMScheduler, DiTTransformer2DModel, UNet2
 from tqdm import tqdm
 
 from effnb.config import PROFILES, Profile, check_choice, progress_enabled
-from effnb.train import load_checkpoint, read_listed_checkpoint, save_listed_checkpoint
+from effnb.train import (CHECKPOINT_DIR, checkpoint_fix, load_checkpoint, read_listed_checkpoint,
+                         save_listed_checkpoint)
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -560,7 +561,6 @@ def sample_quality(classifier: torch.nn.Module, samples: torch.Tensor, labels: t
 
 
 # ------------------------------------------------------------------------- checkpoints
-CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "data" / "checkpoints"
 MAKE_SCRIPT = "python scripts/make_diffusion_checkpoints.py"
 # dit4x64_digits8 (Chapter 5): a 393k-parameter DiT trained with EMA until its samples are digits,
 # with two earlier EMA snapshots of the same run, to see how activation salience grows with training.
@@ -623,7 +623,7 @@ def load_reference(name: str, directory: Path | str = CHECKPOINT_DIR,
     path = directory / f"{name}.safetensors"
     if directory == CHECKPOINT_DIR:
         check_choice("name", name, REFERENCE_NAMES)
-    fix = f"re-create it with `{MAKE_SCRIPT}`"
+    fix = checkpoint_fix(MAKE_SCRIPT)
     metadata = read_listed_checkpoint(path, fix, label=f"Checkpoint {path}")
     if "kind" not in metadata or "config" not in metadata:
         raise ValueError(f"Checkpoint {path} lacks the metadata 'kind', 'config' that save_reference writes; {fix}.")

@@ -30,13 +30,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from effnb.config import check_count, progress_enabled
-from effnb.train import load_checkpoint, read_listed_checkpoint, save_listed_checkpoint
+from effnb.train import (CHECKPOINT_DIR, checkpoint_fix, load_checkpoint, read_listed_checkpoint,
+                         save_listed_checkpoint)
 from effnb.data import ANSWERS, QUADRANTS, QUESTION_COLOURS, QUESTION_SHAPES, QUESTION_TYPES, QuestionScenes
 
 __all__ = ["CHECKPOINT", "Consumer", "Encoded", "MAKE_SCRIPT", "Reduce", "answer_accuracy", "encode", "fit_consumer",
            "load_vision_tower", "pretrain_vision_tower", "save_vision_tower", "vision_tower"]
 
-CHECKPOINT = Path(__file__).resolve().parent.parent / "data" / "checkpoints" / "clip_scenes32.safetensors"
+CHECKPOINT = CHECKPOINT_DIR / "clip_scenes32.safetensors"
 MAKE_SCRIPT = "python scripts/make_vision_tower.py"
 
 # (encoded batch, generator) -> (tokens (B, M, D), padding mask (B, M), True = padding)
@@ -68,7 +69,7 @@ def load_vision_tower(path: str | Path = CHECKPOINT, device: torch.device | str 
     ``SHA256SUMS``; returns ``(tower in eval mode, metadata)``. A missing or changed file raises an error
     naming the script that re-creates it."""
     path = Path(path)
-    metadata = read_listed_checkpoint(path, f"re-create it with `{MAKE_SCRIPT}`", label=f"The vision tower {path}")
+    metadata = read_listed_checkpoint(path, checkpoint_fix(MAKE_SCRIPT), label=f"The vision tower {path}")
     tower = vision_tower(**metadata["settings"])
     load_checkpoint(tower, path)
     return tower.to(device).eval(), metadata

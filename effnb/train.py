@@ -17,11 +17,31 @@ from tqdm import tqdm
 from effnb.config import check_count, progress_enabled
 from effnb.data import DenseScenes, atomic_path, check_sha256, read_sha256sums, sha256_of, write_sha256sums
 
-__all__ = ["Accuracy", "DENSE_METRICS", "DenseMetrics", "History", "delta_m", "dense_metrics", "evaluate", "fit",
-           "load_checkpoint", "read_checkpoint_metadata", "read_listed_checkpoint", "save_checkpoint",
-           "save_listed_checkpoint"]
+__all__ = ["Accuracy", "CHECKPOINT_DIR", "DENSE_METRICS", "DenseMetrics", "History", "checkpoint_fix", "delta_m",
+           "dense_metrics", "evaluate", "fit", "load_checkpoint", "read_checkpoint_metadata", "read_listed_checkpoint",
+           "save_checkpoint", "save_listed_checkpoint"]
 
 MANIFEST = "SHA256SUMS"  # the sha256 list beside the repository's checkpoints (``sha256sum -c`` format)
+
+
+def _checkpoint_dir() -> Path:
+    """``data/checkpoints`` of the repository when effnb runs from a clone; otherwise the copy the wheel
+    carries as package data, ``effnb/checkpoints`` (pyproject.toml), e.g. on Colab."""
+    package = Path(__file__).resolve().parent
+    repository = package.parent / "data" / "checkpoints"
+    return repository if repository.is_dir() else package / "checkpoints"
+
+
+CHECKPOINT_DIR = _checkpoint_dir()  # the book's reference checkpoints and their SHA256SUMS
+
+
+def checkpoint_fix(script: str) -> str:
+    """What a reader can do about a missing or changed reference checkpoint: in a clone of the repository,
+    re-create it with ``script``; where effnb came from its wheel (which carries the checkpoints), reinstall it."""
+    if CHECKPOINT_DIR.parent.name == "data":
+        return f"re-create it with `{script}`"
+    return (f"reinstall effnb, whose wheel carries it (`pip uninstall -y effnb`, then run the chapter's first cell "
+            f"again), or re-create it with `{script}` in a clone of the repository")
 
 
 @dataclass

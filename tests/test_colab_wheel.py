@@ -12,6 +12,12 @@ install's own ``.pth`` file in that folder is not processed).
 The install cell finds effnb and does nothing; the network stays blocked (EFFNB_BLOCK_NETWORK=1).
 Its executed copy is then graded with chapter 0's answer key: the book's solutions pass the
 autograder on a fresh execution.
+
+The wheel carries the reference checkpoints (data/checkpoints as the package data
+effnb/checkpoints): every one of them loads, sha256-checked, in the fresh venv; a missing one tells
+a wheel user to reinstall; and chapter 2 (about two minutes) runs there and loads its classifier
+instead of training one. Chapters 5, 6 and 9 load theirs the same way but are not run from the
+wheel here, to keep `make test` within its 30 minutes.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import os
 import subprocess
 import sys
 import sysconfig
+import zipfile
 from pathlib import Path
 
 import nbformat
@@ -67,27 +74,68 @@ def fresh_venv(tmp_path_factory) -> Path:
     return venv
 
 
-def test_wheel_carries_the_package_only(fresh_venv):
+LOAD_ALL = """\
+from effnb import diffusion as D, tokens as T
+for name in D.REFERENCE_NAMES:
+    D.load_reference(name)                 # sha256-checked against the SHA256SUMS the wheel carries
+T.load_vision_tower()
+print(D.CHECKPOINT_DIR, len(D.REFERENCE_NAMES) + 1)
+"""
+
+
+def test_wheel_carries_the_package_and_the_reference_checkpoints(fresh_venv):
     out = run([str(fresh_venv / "bin" / "python"), "-c", "import effnb, torch; print(effnb.__file__); print(torch.__version__)"],
               fresh_venv.parent, clean_env())
     location, torch_version = out.split()
     assert "site-packages" in location and str(ROOT) not in location
     assert torch_version.startswith("2.13.0") and "cu" not in torch_version.split("+")[-1]
+    (wheel,) = (fresh_venv.parent / "dist").glob("effnb-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    listed = [line.split()[1] for line in (ROOT / "data" / "checkpoints" / "SHA256SUMS").read_text().splitlines()]
+    assert {f"effnb/checkpoints/{n}" for n in [*listed, "SHA256SUMS"]} <= names
+    assert not [n for n in names if not n.startswith(("effnb/", "effnb-"))], "only the package and its metadata"
+    folder, loaded = run([str(fresh_venv / "bin" / "python"), "-c", LOAD_ALL], fresh_venv.parent, clean_env()).split()
+    assert folder.endswith("site-packages/effnb/checkpoints") and int(loaded) == len(listed)
+
+
+def test_a_missing_checkpoint_tells_a_wheel_user_to_reinstall(fresh_venv, tmp_path):
+    from effnb import train
+
+    assert train.checkpoint_fix("python scripts/x.py") == "re-create it with `python scripts/x.py`"   # in the clone
+    probe = ("from effnb import diffusion as D\ntry:\n    D.load_reference('dit_digits8', directory=%r)\n"
+             "except FileNotFoundError as err:\n    print(err)\n" % str(tmp_path))
+    printed = run([str(fresh_venv / "bin" / "python"), "-c", probe], fresh_venv.parent, clean_env())
+    assert "or its sha256 entry is missing; reinstall effnb, whose wheel carries it (`pip uninstall -y effnb`" in printed
+
+
+def run_chapter_from_the_wheel(venv: Path, chapter: Path, workdir: Path) -> nbformat.NotebookNode:
+    """``chapter`` executed by papermill with ``venv``'s kernel from ``workdir`` (outside the repository,
+    network blocked), with a last cell that prints the kernel's interpreter and where effnb came from."""
+    workdir.mkdir()
+    nb = nbformat.read(chapter, as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell(PROBE))
+    nbformat.write(nb, workdir / chapter.name)
+    env = clean_env() | {"EFFNB_BLOCK_NETWORK": "1", "HF_HUB_OFFLINE": "1", "EFFNB_PROGRESS": "0", "MPLBACKEND": "Agg"}
+    run([str(venv / "bin" / "python"), "-m", "papermill", chapter.name, "executed.ipynb", "-k", "python3",
+         "--no-progress-bar"], workdir, env)
+    executed = nbformat.read(workdir / "executed.ipynb", as_version=4)
+    probe = "".join(o.get("text", "") for o in executed.cells[-1].outputs)
+    assert f"KERNEL {venv}" in probe, f"the kernel did not run in the fresh venv: {probe}"
+    assert "site-packages" in probe and str(ROOT) not in probe, f"effnb came from the source tree: {probe}"
+    return executed
+
+
+def test_chapter_2_loads_the_reference_classifier_from_the_wheel(fresh_venv, tmp_path):
+    """Chapter 2 (about two minutes) loads its feature classifier from the checkpoints in the wheel rather than
+    training one (its fallback when the file is missing)."""
+    executed = run_chapter_from_the_wheel(fresh_venv, ROOT / "notebooks" / "02_speed.ipynb", tmp_path / "colab-home")
+    printed = "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "feature classifier: test accuracy" in printed and "Training it here instead" not in printed
 
 
 def test_chapter_0_runs_from_the_wheel_outside_the_repository(fresh_venv, tmp_path):
     workdir = tmp_path / "colab-home"
-    workdir.mkdir()
-    nb = nbformat.read(CHAPTER, as_version=4)
-    nb.cells.append(nbformat.v4.new_code_cell(PROBE))
-    nbformat.write(nb, workdir / CHAPTER.name)
-    env = clean_env() | {"EFFNB_BLOCK_NETWORK": "1", "HF_HUB_OFFLINE": "1", "EFFNB_PROGRESS": "0", "MPLBACKEND": "Agg"}
-    run([str(fresh_venv / "bin" / "python"), "-m", "papermill", CHAPTER.name, "executed.ipynb", "-k", "python3",
-         "--no-progress-bar"], workdir, env)
-    executed = nbformat.read(workdir / "executed.ipynb", as_version=4)
-    probe = "".join(o.get("text", "") for o in executed.cells[-1].outputs)
-    assert f"KERNEL {fresh_venv}" in probe, f"the kernel did not run in the fresh venv: {probe}"
-    assert "site-packages" in probe and str(ROOT) not in probe, f"effnb came from the source tree: {probe}"
+    executed = run_chapter_from_the_wheel(fresh_venv, CHAPTER, workdir)
     key = ma.answer_key(CHAPTER.stem, ma.parse_exercises(nbformat.read(CHAPTER, as_version=4)))
     results, _ = ma.grade_notebook(executed, json.loads(json.dumps(key)), workdir, run=False)
     assert all(r.earned == r.points for r in results), ma.summary(CHAPTER.name, results)

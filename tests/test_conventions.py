@@ -74,6 +74,17 @@ def test_install_cell_is_guarded_and_uses_the_configured_repository(nb):
     assert f"git+{REPO_URL}" in code
 
 
+def test_install_cell_says_in_one_sentence_when_the_install_failed(nb, monkeypatch):
+    """Run the install cell as Colab would without network: the pip line fails (here it does nothing) and the
+    cell must stop with one sentence naming the fix, not let the next cell die with a bare ModuleNotFoundError."""
+    import importlib.util
+
+    code = sources(nb, "code")[0].replace("!{sys.executable} -m pip install", "pass  # pip install")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
+    with pytest.raises(ModuleNotFoundError, match=r"^Installing effnb failed .*; fix that and run this cell again"):
+        exec(code, {})
+
+
 def test_claim_cell_is_checked_by_nbval_and_records_claims(nb):
     claims = [s for s in sources(nb, "code") if s.startswith("# NBVAL_CHECK_OUTPUT") and "record_claim(" in s]
     assert claims, "no claim cell (starts with # NBVAL_CHECK_OUTPUT and calls record_claim)"
