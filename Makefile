@@ -5,14 +5,14 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: book test outputs benchmark assignments grade full-edition gpu-smoke browser env clean
+.PHONY: book test lab pdf outputs benchmark assignments grade full-edition gpu-smoke browser env clean
 
 env: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "installing the pinned stack into $(VENV)/ (about two minutes the first time) ..."
-	$(BIN)/python -m pip install -qq --disable-pip-version-check -c constraints.txt -e ".[book,test,otter]"
+	$(BIN)/python -m pip install -qq --disable-pip-version-check -c constraints.txt -e ".[book,test,otter,lab]"
 	@touch $(STAMP)
 
 book: $(STAMP)  ## execute every chapter (ci profile) into _build and render _build/html
@@ -21,17 +21,25 @@ book: $(STAMP)  ## execute every chapter (ci profile) into _build and render _bu
 test: $(STAMP) browser  ## unit tests, notebook conventions, nbval over every chapter, assignments, browser, Colab wheel
 	$(BIN)/python -m pytest
 
-# The browser test (tests/test_browser.py) needs Debian's chromium and chromedriver. As root with
+LAB_ARGS ?=
+lab: $(STAMP)  ## JupyterLab on workspace/ (git-ignored copies of the chapters), widget progress bars and live what-ifs; LAB_ARGS="--no-browser --port 8899"
+	$(BIN)/python scripts/lab.py $(LAB_ARGS)
+
+pdf: $(STAMP) browser  ## the PDF edition: every page of the site (stored outputs) printed by headless Chromium into _build/pdf/effnb.pdf
+	$(BIN)/python scripts/build_pdf.py
+
+# The browser, Lab and PDF tests (tests/test_browser.py, test_lab.py, test_pdf.py) need Debian's chromium and
+# chromedriver, and poppler-utils (pdftotext, pdftoppm) for the PDF. As root with
 # apt-get, install them when missing; never fail here: without them the test skips with a reason
 # (and fails under CI=true, where a missing browser is a broken setup).
 browser:
-	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v pdftoppm >/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  echo "installing chromium and chromium-driver for the browser test ..."; \
-	  (apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 \
-	    || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1)) \
-	    || echo "could not install chromium; tests/test_browser.py will skip (fail under CI=true)"; \
-	else echo "chromium not found and not root with apt-get; tests/test_browser.py will skip (fail under CI=true)"; fi
+	  echo "installing chromium, chromium-driver and poppler-utils for the browser, Lab and PDF tests ..."; \
+	  (apt-get install -y -qq chromium chromium-driver poppler-utils >/dev/null 2>&1 \
+	    || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium chromium-driver poppler-utils >/dev/null 2>&1)) \
+	    || echo "could not install chromium/poppler-utils; the browser, Lab and PDF tests will skip (fail under CI=true)"; \
+	else echo "chromium or poppler-utils not found and not root with apt-get; the browser, Lab and PDF tests will skip (fail under CI=true)"; fi
 
 outputs: $(STAMP)  ## re-execute the chapters and store their ci outputs in notebooks/
 	$(BIN)/python scripts/run_notebooks.py --refresh

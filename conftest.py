@@ -6,6 +6,7 @@ The environment variables are inherited by the Jupyter kernels that nbval starts
 """
 import functools
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["EFFNB_PROGRESS"] = "0"
+os.environ["EFFNB_WIDGETS"] = "0"  # no widget state in outputs nbval compares (tests/test_lab.py sets 1)
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 from effnb.config import block_network  # noqa: E402
@@ -32,6 +34,25 @@ def skip_or_fail(reason: str) -> None:
     if os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}:
         pytest.fail(f"{reason}; CI is set, so this fails instead of skipping", pytrace=False)
     pytest.skip(reason)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+def require_chromium() -> None:
+    """Skip (locally) or fail (under CI=true) when Debian's chromium or chromedriver is missing."""
+    if not (CHROMIUM and CHROMEDRIVER):
+        skip_or_fail("browser test: Debian's chromium and chromium-driver are not installed "
+                     "(`apt-get install -y chromium chromium-driver`, which `make test` tries when run as root)")
+
+
+def start_chromium(profile_dir: Path, window: str = "1280,900"):
+    """Headless Chromium for the browser, Lab and PDF tests: ``scripts/build_pdf.py``'s, which ``make pdf`` uses."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
+    from build_pdf import start_chromium as start
+
+    return start(profile_dir, window)
 
 
 @pytest.fixture(scope="module")

@@ -25,9 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DiTTransformer2DModel, UNet2DModel
-from tqdm import tqdm
 
-from effnb.config import PROFILES, Profile, check_choice, progress_enabled
+from effnb.config import PROFILES, Profile, check_choice, progress_bar
 from effnb.train import (CHECKPOINT_DIR, checkpoint_fix, load_checkpoint, read_listed_checkpoint,
                          save_listed_checkpoint)
 
@@ -431,7 +430,7 @@ def train_diffusion(model: DiffusionModel, scheduler, x: torch.Tensor, y: torch.
     if ema_decay > 0:
         history.ema = copy.deepcopy(model).requires_grad_(False)
     model.train()
-    for step in tqdm(range(steps + 1), desc=desc, disable=not progress_enabled(), mininterval=1.0):
+    for step in progress_bar(range(steps + 1), desc):
         if evaluate is not None and (step == steps or (eval_every and step % eval_every == 0)):
             history.eval_steps.append(step)
             history.evals.append(evaluate(history.ema if history.ema is not None else model, step))

@@ -27,9 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from effnb.config import check_count, progress_enabled
+from effnb.config import check_count, progress_bar
 from effnb.train import (CHECKPOINT_DIR, checkpoint_fix, load_checkpoint, read_listed_checkpoint,
                          save_listed_checkpoint)
 from effnb.data import ANSWERS, QUADRANTS, QUESTION_COLOURS, QUESTION_SHAPES, QUESTION_TYPES, QuestionScenes
@@ -116,7 +115,7 @@ def pretrain_vision_tower(tower, train: QuestionScenes, test: QuestionScenes, st
     labels = train.patch_labels(patch)
     gen = torch.Generator().manual_seed(seed)
     tower.train()
-    for _ in tqdm(range(steps), desc="vision tower", disable=not (progress and progress_enabled()), mininterval=1.0):
+    for _ in progress_bar(range(steps), "vision tower", enabled=progress):
         idx = torch.randint(0, len(train), (batch_size,), generator=gen)
         loss, _ = _aux_losses(tower, heads, train.images[idx].to(device), train.shapes[idx].to(device),
                               train.colours[idx].to(device), labels[idx].to(device))
@@ -225,7 +224,7 @@ def fit_consumer(model: Consumer, encoded: Encoded, scenes: QuestionScenes, step
     gen = torch.Generator().manual_seed(seed)
     losses = []
     model.train()
-    for _ in tqdm(range(steps), desc=desc, disable=not (progress and progress_enabled()), mininterval=1.0):
+    for _ in progress_bar(range(steps), desc, enabled=progress):
         idx = torch.randint(0, len(scenes), (batch_size,), generator=gen)
         tokens, padding = _tokens(encoded.subset(idx), reduce, gen)
         loss = F.cross_entropy(model(tokens, scenes.question[idx], padding), scenes.answer[idx])

@@ -12,9 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm import tqdm
 
-from effnb.config import check_count, progress_enabled
+from effnb.config import check_count, progress_bar
 from effnb.data import DenseScenes, atomic_path, check_sha256, read_sha256sums, sha256_of, write_sha256sums
 
 __all__ = ["Accuracy", "CHECKPOINT_DIR", "DENSE_METRICS", "DenseMetrics", "History", "checkpoint_fix", "delta_m",
@@ -103,7 +102,7 @@ def fit(
     gen = torch.Generator().manual_seed(seed)
     history = History()
     model.train()
-    for _ in tqdm(range(epochs), desc=desc, disable=not (progress and progress_enabled()), mininterval=1.0):
+    for _ in progress_bar(range(epochs), desc, enabled=progress):
         order = torch.randperm(len(x), generator=gen)
         total, count = 0.0, 0
         for start in range(0, len(x), batch_size):

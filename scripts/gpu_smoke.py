@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     notebooks = [p.resolve() for p in args.notebooks] or run_notebooks.toc_notebooks()
     os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", EFFNB_BLOCK_NETWORK="1")
     os.environ.setdefault("EFFNB_PROGRESS", "0")
+    os.environ["EFFNB_WIDGETS"] = "0"
     rows = smoke(notebooks, args.out)
     total = sum(r["seconds"] for r in rows)
     record = {

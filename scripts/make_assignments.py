@@ -412,9 +412,9 @@ def make_otter(notebook: Path, out: Path, run_tests: bool = False) -> Path:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     book = project["dependencies"] + project["optional-dependencies"]["book"]   # what a chapter needs to run
     runtime = [name for name in (re.split(r"[<>=!\[ ;]", r, maxsplit=1)[0].lower() for r in book)
-               if not name.startswith(("jupyter-book", "sphinx", "myst", "papermill"))]   # not the site's renderer
+               if not name.startswith(("jupyter-book", "sphinx", "myst", "papermill", "pypdf"))]   # not the site's renderer
     (folder / "requirements.txt").write_text("\n".join([pins[n] for n in runtime if n in pins] +
-                                                       ["effnb @ git+https://github.com/effnb/effnb"]) + "\n")
+                                                       [f"effnb @ git+https://github.com/effnb/effnb@v{project['version']}"]) + "\n")
     command = [sys.executable, "-m", "otter", "assign", *([] if run_tests else ["--no-run-tests"]),
                master.name, "dist"]
     done = subprocess.run(command, cwd=folder, capture_output=True, text=True)
@@ -595,7 +595,7 @@ def execute(nb: nbformat.NotebookNode, cwd: Path, timeout: int = 900, prefix: li
     env = dict(os.environ)
     if sandboxed:
         env.update({name: str(runtime) for name in ("HOME", "IPYTHONDIR", "TMPDIR")}, HF_HUB_OFFLINE="1",
-                   EFFNB_PROGRESS="0", MPLCONFIGDIR=str(runtime / "matplotlib"))
+                   EFFNB_PROGRESS="0", EFFNB_WIDGETS="0", MPLCONFIGDIR=str(runtime / "matplotlib"))
         _copy_font_cache(runtime / "matplotlib")           # else matplotlib rebuilds it in every kernel
         if hasattr(os, "geteuid") and os.geteuid() == 0:  # the kernel's user owns cwd: hand it its files
             owner = cwd.stat()

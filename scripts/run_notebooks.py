@@ -197,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.refresh and args.profile != "ci":
         parser.error("--refresh stores ci-profile outputs only; use --out for the full profile.")
     os.environ.setdefault("EFFNB_PROGRESS", "0" if args.refresh else "1")
+    os.environ["EFFNB_WIDGETS"] = "0"  # text bars and default figures: no widget state in stored outputs
     if not args.allow_network:
         os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", EFFNB_BLOCK_NETWORK="1")
 

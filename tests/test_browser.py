@@ -11,12 +11,8 @@ this module is skipped with the reason, or fails under ``CI=true``.
 """
 from __future__ import annotations
 
-import functools
-import shutil
 import subprocess
 import sys
-import threading
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -24,23 +20,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from conftest import skip_or_fail  # noqa: E402
+from conftest import require_chromium, start_chromium  # noqa: E402
+from build_pdf import serve  # noqa: E402
 from run_notebooks import toc_notebooks  # noqa: E402
 
 BUILD = ROOT / "_build" / "browser-test"
 SHOTS = ROOT / "_build" / "screenshots"
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
 CHAPTERS = [p.stem for p in toc_notebooks()]
 SEARCH_WORD, SEARCH_HIT = "prefill", "notebooks/01_llm_roofline.html"
-
-
-
-def require_chromium() -> None:
-    """Skip (locally) or fail (under CI=true) when Debian's chromium or chromedriver is missing."""
-    if not (CHROMIUM and CHROMEDRIVER):
-        skip_or_fail("browser test: Debian's chromium and chromium-driver are not installed "
-                     "(`apt-get install -y chromium chromium-driver`, which `make test` tries when run as root)")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -49,42 +36,20 @@ def _chromium_present() -> None:
     require_chromium()
 
 
-class QuietHandler(SimpleHTTPRequestHandler):
-    """Serve files without logging every request to stderr."""
-
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
-        pass
-
-
 @pytest.fixture(scope="module")
 def site() -> str:
     """Build the book from stored outputs, serve it on 127.0.0.1, yield its base URL."""
     cmd = [sys.executable, str(ROOT / "scripts" / "build_book.py"), "--no-execute", "--build-dir", str(BUILD)]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, f"book build failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    handler = functools.partial(QuietHandler, directory=str(BUILD / "html"))
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serve(BUILD / "html") as base:
+        yield base
 
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     """Headless Chromium with the flags that work as root and offline."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1280,900",
-                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
-    driver.set_page_load_timeout(60)
+    driver = start_chromium(tmp_path_factory.mktemp("chromium-profile"))
     yield driver
     driver.quit()
 

@@ -115,7 +115,7 @@ def run_chapter_from_the_wheel(venv: Path, chapter: Path, workdir: Path) -> nbfo
     nb = nbformat.read(chapter, as_version=4)
     nb.cells.append(nbformat.v4.new_code_cell(PROBE))
     nbformat.write(nb, workdir / chapter.name)
-    env = clean_env() | {"EFFNB_BLOCK_NETWORK": "1", "HF_HUB_OFFLINE": "1", "EFFNB_PROGRESS": "0", "MPLBACKEND": "Agg"}
+    env = clean_env() | {"EFFNB_BLOCK_NETWORK": "1", "HF_HUB_OFFLINE": "1", "EFFNB_PROGRESS": "0", "EFFNB_WIDGETS": "0", "MPLBACKEND": "Agg"}
     run([str(venv / "bin" / "python"), "-m", "papermill", chapter.name, "executed.ipynb", "-k", "python3",
          "--no-progress-bar"], workdir, env)
     executed = nbformat.read(workdir / "executed.ipynb", as_version=4)

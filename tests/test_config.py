@@ -83,6 +83,34 @@ def test_progress_switch(monkeypatch):
     assert config.progress_enabled()
 
 
+def test_widgets_are_off_outside_a_kernel_and_when_switched_off(monkeypatch):
+    import tqdm
+    import tqdm.notebook
+
+    monkeypatch.setenv("EFFNB_WIDGETS", "1")
+    assert not config.widgets_enabled(), "no IPython kernel here, so no widgets"
+    monkeypatch.setenv("EFFNB_WIDGETS", "yes")
+    with pytest.raises(ValueError, match="EFFNB_WIDGETS"):
+        config.widgets_enabled()
+
+    class Kernel:  # what get_ipython() returns inside a Jupyter kernel
+        kernel = object()
+
+    monkeypatch.setattr("IPython.get_ipython", lambda: Kernel())
+    monkeypatch.setenv("EFFNB_WIDGETS", "1")
+    assert config.widgets_enabled()
+    monkeypatch.setenv("EFFNB_PROGRESS", "1")
+    assert isinstance(config.progress_bar(range(3), "x"), tqdm.notebook.tqdm)
+    monkeypatch.setenv("EFFNB_WIDGETS", "0")  # what the book's runners set
+    assert not config.widgets_enabled()
+    bar = config.progress_bar(range(3), "x")
+    assert not isinstance(bar, tqdm.notebook.tqdm) and isinstance(bar, tqdm.tqdm) and not bar.disable
+    assert list(bar) == [0, 1, 2]
+    monkeypatch.setenv("EFFNB_PROGRESS", "0")
+    assert config.progress_bar(range(3), "x").disable
+    assert config.progress_bar(range(3), "x", enabled=False).disable
+
+
 def test_network_is_blocked_at_once_in_tests():
     with pytest.raises(config.NetworkBlockedError, match="blocked"):
         socket.create_connection(("93.184.216.34", 80), timeout=30)

@@ -68,10 +68,15 @@ def test_colab_badge_points_at_this_notebook(nb):
     assert badge in nb.cells[0].source, f"first cell lacks the Colab badge {badge}"
 
 
-def test_install_cell_is_guarded_and_uses_the_configured_repository(nb):
+def test_install_cell_is_guarded_and_pins_the_release_tag_of_this_version(nb):
+    """Colab installs the effnb these notebooks were written for: the tag v<version> of pyproject.toml
+    (a release pushes that tag), never whatever main holds that day."""
+    import tomllib
+
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     code = sources(nb, "code")[0]
     assert 'find_spec("effnb") is None' in code
-    assert f"git+{REPO_URL}" in code
+    assert f'"effnb @ git+{REPO_URL}@v{version}"' in code and f"'effnb @ git+{REPO_URL}@v{version}'" in code
 
 
 def test_install_cell_says_in_one_sentence_when_the_install_failed(nb, monkeypatch):
@@ -105,6 +110,22 @@ def test_no_error_outputs(nb):
     for cell in nb.cells:
         for out in cell.get("outputs", []):
             assert out.get("output_type") != "error", f"stored error output: {out.get('ename')}"
+
+
+def test_no_widget_state_in_stored_outputs(nb):
+    """Widgets (progress bars, what-if controls) live only in a reader's Lab: the runners set
+    EFFNB_WIDGETS=0, so a stored output or nbval comparison never holds a widget view or its state."""
+    assert "widgets" not in nb.metadata, "the notebook stores widget state (metadata.widgets)"
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            assert "application/vnd.jupyter.widget-view+json" not in out.get("data", {}), "stored widget view"
+
+
+def test_markdown_has_no_myst_roles_lab_would_show_raw(nb):
+    """JupyterLab and Colab render plain Markdown: a MyST role such as {cite}`key` shows raw there.
+    Chapters link the paper instead; the book's References page lists every entry of references.bib."""
+    for text in sources(nb, "markdown"):
+        assert not re.search(r"\{[a-z:-]+\}`", text), f"MyST role in markdown: {text[:120]}"
 
 
 def test_stored_outputs_exist(nb):

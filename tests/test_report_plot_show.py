@@ -100,3 +100,47 @@ def test_median_range_is_median_min_max():
     assert median_range([1, 2, 3, 4], digits=1) == "2.5 [1.0, 4.0]"
     with pytest.raises(ValueError, match="at least one value"):
         median_range([])
+
+
+def test_what_if_draws_the_defaults_once_when_headless(monkeypatch):
+    import matplotlib.pyplot as plt
+
+    monkeypatch.setenv("EFFNB_WIDGETS", "0")
+    calls = []
+
+    def draw(stage, batch):
+        calls.append((stage, batch))
+        fig, ax = plot.new_figure()
+        ax.plot([1, 2], [batch, batch])
+
+    assert plot.what_if(draw, stage=("decode", ["prefill", "decode"]), batch=(4, [1, 4, 16])) is None
+    assert calls == [("decode", 4)]
+    plt.close("all")
+    with pytest.raises(ValueError, match="default 3 of 'batch' is not one of its options"):
+        plot.what_if(draw, batch=(3, [1, 4, 16]))
+
+
+def test_what_if_builds_sliders_and_dropdowns_and_redraws_in_a_kernel(monkeypatch):
+    import ipywidgets
+    import IPython.display
+
+    shown = []
+    monkeypatch.setattr(plot, "widgets_enabled", lambda: True)
+    monkeypatch.setattr(IPython.display, "display", lambda obj, **kw: shown.append(obj))
+    calls = []
+
+    def draw(stage, batch):
+        calls.append((stage, batch))
+        fig, ax = plot.new_figure()
+        ax.plot([1, 2], [batch, 2 * batch])
+
+    plot.what_if(draw, stage=("decode", ["prefill", "decode"]), batch=(4, [1, 4, 16]))
+    panel = [obj for obj in shown if isinstance(obj, ipywidgets.VBox)][0]
+    controls = {c.description: c for c in panel.children[0].children}
+    assert isinstance(controls["stage"], ipywidgets.Dropdown) and controls["stage"].value == "decode"
+    assert isinstance(controls["batch"], ipywidgets.SelectionSlider) and controls["batch"].options == (1, 4, 16)
+    assert calls == [("decode", 4)]
+    controls["batch"].value = 16
+    assert calls[-1] == ("decode", 16)
+    pngs = [obj for obj in shown if isinstance(obj, IPython.display.Image)]
+    assert len(pngs) == 2 and all(len(p.data) > 2000 for p in pngs), "each draw shows its figure as a PNG"

@@ -209,3 +209,40 @@ def test_full_profile_spreads_chapters_over_the_visible_gpus(tmp_path, monkeypat
     with pytest.raises(SystemExit):
         run_notebooks.main(["--out", str(tmp_path / "out"), "--profile", "full", "--gpus", "first", str(chapters[0])])
     assert "--gpus 'first' must list GPU indices separated by commas" in capsys.readouterr().err
+
+
+import lab  # noqa: E402
+
+
+def test_lab_workspace_copies_chapters_once_and_keeps_the_readers_work(tmp_path):
+    source = tmp_path / "notebooks"
+    source.mkdir()
+    for name in ("00_a.ipynb", "01_b.ipynb"):
+        nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1")])
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nbformat.write(nb, source / name)
+    original = {p.name: p.read_bytes() for p in source.iterdir()}
+    workspace = tmp_path / "workspace"
+    made = lab.prepare_workspace(workspace, source=source)
+    assert sorted(p.name for p in made) == ["00_a.ipynb", "01_b.ipynb"]
+    copy = nbformat.read(workspace / "00_a.ipynb", as_version=4)
+    assert copy.metadata["kernelspec"]["name"] == "effnb" and copy.cells[0].source == "x = 1"
+    (workspace / "00_a.ipynb").write_text((workspace / "00_a.ipynb").read_text().replace("x = 1", "x = 2"))
+    assert lab.prepare_workspace(workspace, source=source) == [], "existing copies are the reader's work"
+    assert "x = 2" in (workspace / "00_a.ipynb").read_text()
+    made = lab.prepare_workspace(workspace, fresh=True, source=source)
+    assert len(made) == 2 and "x = 1" in (workspace / "00_a.ipynb").read_text()
+    backups = list(workspace.glob("old-*/00_a.ipynb"))
+    assert len(backups) == 1 and "x = 2" in backups[0].read_text(), "--fresh keeps the old copy aside"
+    assert {p.name: p.read_bytes() for p in source.iterdir()} == original, "the tracked notebooks are untouched"
+    with pytest.raises(lab.LabError, match="no chapters found"):
+        lab.prepare_workspace(workspace, source=tmp_path / "empty")
+
+
+def test_lab_environment_turns_widgets_on_and_drops_a_non_inline_backend(monkeypatch):
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("EFFNB_WIDGETS", "0")
+    env = lab.lab_environment()
+    assert env["EFFNB_WIDGETS"] == "1" and "MPLBACKEND" not in env and env["HF_HUB_OFFLINE"] == "1"
+    command = lab.lab_command(Path("/tmp/ws"), ["--no-browser"])
+    assert command[1:3] == ["-m", "jupyterlab"] and "--ServerApp.root_dir=/tmp/ws" in command and command[-1] == "--no-browser"
