@@ -3,23 +3,23 @@ from __future__ import annotations
 
 import pytest
 
-import test_browser
+import conftest
 import test_diffusion
 
 
 @pytest.mark.parametrize("ci", ["true", "1"])
 def test_a_missing_browser_fails_under_ci(monkeypatch, ci):
     monkeypatch.setenv("CI", ci)
-    monkeypatch.setattr(test_browser, "CHROMIUM", None)
+    monkeypatch.setattr(conftest, "CHROMIUM", None)
     with pytest.raises(pytest.fail.Exception, match="chromium and chromium-driver are not installed.*CI"):
-        test_browser.require_chromium()
+        conftest.require_chromium()
 
 
 def test_a_missing_browser_skips_locally(monkeypatch):
     monkeypatch.delenv("CI", raising=False)
-    monkeypatch.setattr(test_browser, "CHROMEDRIVER", None)
+    monkeypatch.setattr(conftest, "CHROMEDRIVER", None)
     with pytest.raises(pytest.skip.Exception, match="chromium and chromium-driver are not installed"):
-        test_browser.require_chromium()
+        conftest.require_chromium()
 
 
 def test_a_missing_checkpoint_fails_under_ci_and_skips_locally(monkeypatch, tmp_path):
