@@ -165,7 +165,11 @@ def test_chapter0_runs_all_in_lab_with_widget_progress_bars(lab_server, browser)
         "return Array.from(document.querySelectorAll('.jp-OutputArea-output[data-mime-type=\"application/vnd.jupyter.stderr\"]'))"
         ".map(e => e.textContent).filter(t => t.includes('it/s') || t.includes('s/it'))")
     assert not stderr_boxes, f"text progress bars in stderr: {stderr_boxes[:2]}"
-    browser.execute_script("document.querySelector('.jp-OutputArea .widget-hprogress').scrollIntoView({block: 'center'})")
+    browser.execute_script(  # scroll Lab's (windowed) notebook to the cell that drew the bar
+        FIND + "const bar = document.querySelector('.jp-OutputArea .widget-hprogress');"
+        "const k = nb.content.widgets.findIndex(c => c.node.contains(bar));"
+        "nb.content.activeCellIndex = k; return nb.content.scrollToItem(k, 'center')", CH0)
+    time.sleep(1)
     print(f"screenshot: {shoot(browser, 'lab-chapter0')}")
     browser.execute_script(FIND + "nb.context.save()", CH0)  # save, as a reader does
     WebDriverWait(browser, 30).until(lambda d: "widget-view" in (workspace / CH0).read_text())
