@@ -749,7 +749,10 @@ def int8_linear(linear: nn.Linear, mode: str = "dynamic", input_qparams: QParams
     bits, shifted onto quint8's [0, 255]) or min-max of ``example_input`` (B, D_in), which also
     fixes the output's qparams and so is required. ``reduce_range`` (default: on for the x86/fbgemm
     engines, as torch's default qconfig) uses 7-bit inputs, so fbgemm's 16-bit accumulation cannot
-    saturate. torch.ao.quantization is deprecated; its successor is torchao. Introduced in Chapter 5.
+    saturate (on a CPU without VNNI it adds pairs of u8·s8 products in int16, and 8-bit inputs gave a
+    37 % error on an AVX2-only EPYC); with it on, ``input_qparams`` of more than 7 bits raise
+    ``ValueError``. ``reduce_range=False`` is safe on CPUs with VNNI or AMX.
+    torch.ao.quantization is deprecated; its successor is torchao. Introduced in Chapter 5.
     """
     check_choice("mode", mode, ("dynamic", "static"))
     if type(linear) is not nn.Linear:
@@ -772,6 +775,10 @@ def int8_linear(linear: nn.Linear, mode: str = "dynamic", input_qparams: QParams
         qp_in = choose_qparams(x, bits=7 if reduce_range else 8) if input_qparams is None else input_qparams
         if qp_in.axis is not None or qp_in.bits > 8:
             raise ValueError("input_qparams must be per tensor (axis=None) with bits <= 8.")
+        if reduce_range and qp_in.bits > 7:
+            raise ValueError(f"input_qparams has {qp_in.bits} bits, but with reduce_range the {int8_engine()} "
+                             "engine takes 7-bit inputs (its 16-bit accumulation can saturate on 8-bit ones "
+                             "without VNNI); choose them with bits=7, or pass reduce_range=False on a CPU with VNNI.")
         qp_out = choose_qparams(F.linear(x, linear.weight.detach(), bias), bits=8)
         module = nnq.Linear(linear.in_features, linear.out_features, dtype=torch.qint8)
         module.set_weight_bias(qw, bias)

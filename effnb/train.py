@@ -16,7 +16,7 @@ from torch import nn
 from effnb.config import check_count, progress_bar
 from effnb.data import DenseScenes, atomic_path, check_sha256, read_sha256sums, sha256_of, write_sha256sums
 
-__all__ = ["Accuracy", "CHECKPOINT_DIR", "DENSE_METRICS", "DenseMetrics", "History", "checkpoint_fix", "delta_m",
+__all__ = ["Accuracy", "CHECKPOINT_DIR", "DENSE_METRICS", "DenseMetrics", "History", "LOADED_LISTED", "checkpoint_fix", "delta_m",
            "dense_metrics", "evaluate", "fit", "load_checkpoint", "read_checkpoint_metadata", "read_listed_checkpoint",
            "save_checkpoint", "save_listed_checkpoint"]
 
@@ -32,6 +32,10 @@ def _checkpoint_dir() -> Path:
 
 
 CHECKPOINT_DIR = _checkpoint_dir()  # the book's reference checkpoints and their SHA256SUMS
+# Every SHA256SUMS-listed checkpoint this process has read after checking it, in order: how a test tells a
+# chapter that loaded its reference model from one that trained its own (make test runs the chapters that
+# load one from the wheel and checks this list at the end).
+LOADED_LISTED: list[Path] = []
 
 
 def checkpoint_fix(script: str) -> str:
@@ -222,13 +226,15 @@ def read_listed_checkpoint(path: str | Path, fix: str, label: str) -> dict:
     A missing file or entry raises ``FileNotFoundError``, a changed byte ``ValueError``; both messages
     start with ``label`` (e.g. "Checkpoint data/checkpoints/x.safetensors") and end with ``fix``
     (e.g. "re-create it with `python scripts/...`"). Load the weights afterwards with
-    :func:`load_checkpoint` into the model the metadata describes.
+    :func:`load_checkpoint` into the model the metadata describes. A checked file is appended to
+    :data:`LOADED_LISTED`.
     """
     path = Path(path)
     expected = read_sha256sums(path.parent / MANIFEST).get(path.name)
     if not path.exists() or expected is None:
         raise FileNotFoundError(f"{label} or its sha256 entry is missing; {fix}.")
     check_sha256(path, expected, fix, label=label)
+    LOADED_LISTED.append(path.resolve())
     return read_checkpoint_metadata(path)
 
 

@@ -1,36 +1,32 @@
-"""Colab readiness: the package as a wheel, in a fresh virtual environment, runs a chapter.
+"""Colab readiness: the package as a wheel, in a fresh virtual environment, runs the chapters.
 
-What Colab does with a chapter: install ``effnb`` (the first cell does it when it is missing), then
-run every cell from a folder that is not the repository. Here the wheel is built with
-``pip wheel --no-deps`` and installed, alone, into a new venv whose dependencies are the book's pinned
-ones, seen through a ``.pth`` line naming this venv's site-packages (re-installing torch and the rest
-cost two minutes of every ``make test``; resolving them against ``constraints.txt`` is what ``make env``
-already does). ``pip check`` then confirms that the wheel's declared requirements are met by those
-pins, and chapter 0, the cheapest, runs there with papermill on the ci profile from a temporary
-folder, so the source tree is not on sys.path (a ``.pth`` line adds a folder, and the editable
-install's own ``.pth`` file in that folder is not processed).
-The install cell finds effnb and does nothing; the network stays blocked (EFFNB_BLOCK_NETWORK=1).
-Its executed copy is then graded with chapter 0's answer key: the book's solutions pass the
-autograder on a fresh execution.
+What Colab does with a chapter: install ``effnb`` (the first cell does it when it is missing), then run
+every cell from a folder that is not the repository. ``conftest.wheel_venv`` builds the wheel of this
+working tree once per session and installs it, alone, into a new venv whose dependencies are the book's
+pinned ones (``pip check`` confirms the wheel's declared requirements are met by them).
 
-The wheel carries the reference checkpoints (data/checkpoints as the package data
-effnb/checkpoints): every one of them loads, sha256-checked, in the fresh venv; a missing one tells
-a wheel user to reinstall; and chapter 2 (about two minutes) runs there and loads its classifier
-instead of training one. Chapters 5, 6 and 9 run there up to the cell that loads their reference models
-and show that those came from the wheel (run whole, they would push `make test` past its 30 minutes).
+The wheel carries the reference checkpoints (data/checkpoints as the package data effnb/checkpoints):
+every one of them loads, sha256-checked, in the fresh venv, and a missing one tells a wheel user to
+reinstall. The chapters that load one (2, 5, 6 and 9: every chapter whose code calls a reference loader)
+run whole under nbval in that venv's kernel (conftest.py), and a last cell there checks that effnb and its
+checkpoints came from the wheel and that the chapter loaded its reference models instead of training its
+own; this file checks that the selection finds those chapters. Chapter 0, the cheapest, runs here with
+papermill from a temporary folder with the network blocked, and its executed copy is graded with
+chapter 0's answer key: the book's solutions pass the autograder on a fresh execution.
 """
 from __future__ import annotations
 
+import ast
 import json
-import os
-import subprocess
 import sys
-import sysconfig
 import zipfile
 from pathlib import Path
 
 import nbformat
 import pytest
+
+import conftest
+from conftest import clean_env, run
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -41,37 +37,10 @@ CHAPTER = ROOT / "notebooks" / "00_measuring_efficiency.ipynb"
 PROBE = "import sys, effnb\nprint('KERNEL', sys.executable)\nprint('EFFNB', effnb.__file__)"
 
 
-def run(cmd: list[str], cwd: Path, env: dict | None = None, timeout: int = 900) -> str:
-    """Run ``cmd``; fail the test with its output when it fails."""
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"$ {' '.join(cmd)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result.stdout
-
-
-def clean_env() -> dict:
-    """The environment without this venv's traces, so the fresh venv resolves everything itself."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if ".venv" not in p)
-    return env
-
-
 @pytest.fixture(scope="module")
-def fresh_venv(tmp_path_factory) -> Path:
-    """A new venv holding the effnb wheel, its dependencies (and papermill + ipykernel) taken from the book's venv."""
-    base = tmp_path_factory.mktemp("colab")
-    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(base / "dist"), str(ROOT)], ROOT)
-    wheels = list((base / "dist").glob("effnb-*.whl"))
-    assert len(wheels) == 1, wheels
-    venv = base / "venv"
-    run([sys.executable, "-m", "venv", "--without-pip", str(venv)], base, clean_env())  # its own pip would bring an old setuptools
-    python = str(venv / "bin" / "python")
-    pip = [sys.executable, "-m", "pip", "--python", python, "--disable-pip-version-check"]
-    site = Path(run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], base, clean_env()).strip())
-    run([*pip, "install", "-q", "--no-deps", "--no-index", str(wheels[0])],
-        base, clean_env())  # before the .pth line, so pip does not take the book's editable effnb for this wheel
-    (site / "effnb_book_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    run([*pip, "check"], base, clean_env())
-    return venv
+def fresh_venv() -> Path:
+    """The venv holding the effnb wheel (``conftest.wheel_venv``, shared with the nbval runs of the chapters)."""
+    return conftest.wheel_venv()
 
 
 LOAD_ALL = """\
@@ -125,32 +94,20 @@ def run_chapter_from_the_wheel(venv: Path, chapter: Path, workdir: Path) -> nbfo
     return executed
 
 
-def test_chapter_2_loads_the_reference_classifier_from_the_wheel(fresh_venv, tmp_path):
-    """Chapter 2 (about two minutes) loads its feature classifier from the checkpoints in the wheel rather than
-    training one (its fallback when the file is missing)."""
-    executed = run_chapter_from_the_wheel(fresh_venv, ROOT / "notebooks" / "02_speed.ipynb", tmp_path / "colab-home")
-    printed = "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", []))
-    assert "feature classifier: test accuracy" in printed and "Training it here instead" not in printed
-
-
-LOADERS = ("load_reference(", "load_vision_tower(")
-CHECKPOINT_PROBE = "import effnb.train\nprint('CHECKPOINTS', effnb.train.CHECKPOINT_DIR)"
-
-
-@pytest.mark.parametrize("chapter", ["05_ptq4dit", "06_quest", "09_prumerge"])
-def test_chapters_5_6_9_load_their_reference_models_from_the_wheel(fresh_venv, tmp_path, chapter):
-    """Chapters 5, 6 and 9 run from the wheel up to and including the cell that loads their reference models
-    (the ci profile loads them or stops with an error; it never retrains them), then say where the
-    checkpoints came from: the wheel's effnb/checkpoints, not the repository. Cut there to keep `make test`
-    within its 30 minutes; the whole chapters run in nbval from the repository."""
-    nb = nbformat.read(ROOT / "notebooks" / f"{chapter}.ipynb", as_version=4)
-    load = next(i for i, c in enumerate(nb.cells) if c.cell_type == "code" and any(f in c.source for f in LOADERS))
-    nb.cells = nb.cells[:load + 1] + [nbformat.v4.new_code_cell(CHECKPOINT_PROBE)]
-    short = tmp_path / f"{chapter}.ipynb"
-    nbformat.write(nb, short)
-    executed = run_chapter_from_the_wheel(fresh_venv, short, tmp_path / "colab-home")
-    printed = "".join(o.get("text", "") for o in executed.cells[-2].outputs)
-    assert "site-packages/effnb/checkpoints" in printed and str(ROOT) not in printed, printed
+def test_the_chapters_that_load_a_checkpoint_are_the_ones_run_from_the_wheel():
+    """conftest.py runs a chapter in the wheel's kernel when its code calls a reference loader; the scan
+    must find the four chapters that do (a renamed loader would otherwise drop them back to the source tree)."""
+    chapters = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    from_wheel = [p.stem for p in chapters if conftest.loads_a_checkpoint(nbformat.read(p, as_version=4))]
+    assert from_wheel == ["02_speed", "05_ptq4dit", "06_quest", "09_prumerge"]
+    readers = set()                   # effnb's public functions that read a SHA256SUMS-listed checkpoint
+    for module in (ROOT / "effnb").glob("*.py"):
+        for fn in ast.walk(ast.parse(module.read_text())):
+            if isinstance(fn, ast.FunctionDef) and not fn.name.startswith("_") and fn.name != "read_listed_checkpoint" \
+                    and "read_listed_checkpoint(" in ast.unparse(fn):
+                readers.add(fn.name)
+    assert readers == {"load_reference", "load_vision_tower"}
+    assert all(conftest.LOADERS.search(f"{name}(") for name in readers), "conftest.LOADERS must name every loader"
 
 
 def test_chapter_0_runs_from_the_wheel_outside_the_repository(fresh_venv, tmp_path):

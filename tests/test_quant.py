@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from effnb import quant as Q
+from effnb.measure import cpu_instruction_sets
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tiny tensors: one thread (conftest.py)
@@ -454,13 +455,26 @@ def test_int8_linear_is_close_to_float_and_holds_the_per_channel_weight(mode):
         assert float((out - sim).abs().max()) < 1e-4 * float(ref.abs().max())
 
 
-def test_static_int8_accepts_symmetric_input_qparams():
+@pytest.mark.parametrize("bits", [7, 8])
+def test_static_int8_accepts_symmetric_input_qparams(bits):
+    """Symmetric input qparams are shifted onto quint8 (zero point 2^(bits-1)); 8-bit ones only without
+    reduce_range, which the CPUs without VNNI need (their 16-bit accumulation saturates)."""
     torch.manual_seed(0)
     linear, x = nn.Linear(16, 8), randn(64, 16, seed=2)
-    module = Q.int8_linear(linear, "static", input_qparams=Q.choose_qparams(x, 8, symmetric=True), example_input=x)
-    assert module.input_zero_point == 128
+    if bits == 8 and Q.int8_engine() in ("x86", "fbgemm") and "avx512_vnni" not in cpu_instruction_sets():
+        pytest.skip("8-bit inputs saturate the x86 engine's int16 accumulation on a CPU without VNNI")
+    module = Q.int8_linear(linear, "static", input_qparams=Q.choose_qparams(x, bits, symmetric=True), example_input=x,
+                           reduce_range=bits == 7)
+    assert module.input_zero_point == 2 ** (bits - 1)
     with torch.no_grad():
         assert float((module(x) - linear(x)).abs().max() / linear(x).abs().max()) < 0.02
+
+
+def test_static_int8_refuses_8_bit_inputs_under_reduce_range():
+    linear, x = nn.Linear(16, 8), randn(64, 16, seed=2)
+    with pytest.raises(ValueError, match=r"^input_qparams has 8 bits, but with reduce_range the .* engine takes "
+                                         r"7-bit inputs .*; choose them with bits=7, or pass reduce_range=False"):
+        Q.int8_linear(linear, "static", input_qparams=Q.choose_qparams(x, 8), example_input=x, reduce_range=True)
 
 
 # ---------------------------------------------------------------------------- errors

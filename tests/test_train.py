@@ -114,7 +114,9 @@ def test_listed_checkpoints_record_their_sha256_and_refuse_changed_or_unlisted_f
     path = tmp_path / "m.safetensors"
     digest = train.save_listed_checkpoint(SmallCNN(width=4), path, {"version": 1})
     assert (tmp_path / "SHA256SUMS").read_text() == f"{digest}  m.safetensors\n" and digest == sha256_of(path)
+    before = len(train.LOADED_LISTED)
     assert train.read_listed_checkpoint(path, "re-create it with `make x`", "Checkpoint m") == {"version": 1}
+    assert train.LOADED_LISTED[before:] == [path.resolve()], "a checked read is recorded"
     second = train.save_listed_checkpoint(SmallCNN(width=8), path, {"version": 2})   # the entry follows the file
     assert second != digest and (tmp_path / "SHA256SUMS").read_text().count("m.safetensors") == 1
     data = bytearray(path.read_bytes())
@@ -122,6 +124,7 @@ def test_listed_checkpoints_record_their_sha256_and_refuse_changed_or_unlisted_f
     path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"Checkpoint m is corrupt .*; re-create it with `make x`"):
         train.read_listed_checkpoint(path, "re-create it with `make x`", "Checkpoint m")
+    assert len(train.LOADED_LISTED) == before + 1, "a file that failed its check is not recorded"
     (tmp_path / "SHA256SUMS").write_text("")
     with pytest.raises(FileNotFoundError, match=r"^Checkpoint m or its sha256 entry is missing; re-create it with `make x`\.$"):
         train.read_listed_checkpoint(path, "re-create it with `make x`", "Checkpoint m")
