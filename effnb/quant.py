@@ -749,9 +749,8 @@ def int8_linear(linear: nn.Linear, mode: str = "dynamic", input_qparams: QParams
     bits, shifted onto quint8's [0, 255]) or min-max of ``example_input`` (B, D_in), which also
     fixes the output's qparams and so is required. ``reduce_range`` (default: on for the x86/fbgemm
     engines, as torch's default qconfig) uses 7-bit inputs, so fbgemm's 16-bit accumulation cannot
-    saturate (on a CPU without VNNI it adds pairs of u8·s8 products in int16, and 8-bit inputs gave a
-    37 % error on an AVX2-only EPYC); with it on, ``input_qparams`` of more than 7 bits raise
-    ``ValueError``. ``reduce_range=False`` is safe on CPUs with VNNI or AMX.
+    saturate (on a CPU without VNNI it adds pairs of u8·s8 products in int16, which 8-bit inputs can
+    overflow: tests/test_quant.py); with it on, ``input_qparams`` of more than 7 bits raise ``ValueError``. ``reduce_range=False`` is safe on CPUs with VNNI or AMX.
     torch.ao.quantization is deprecated; its successor is torchao. Introduced in Chapter 5.
     """
     check_choice("mode", mode, ("dynamic", "static"))
