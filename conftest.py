@@ -126,7 +126,7 @@ def wheel_venv() -> Path:
 # that its student notebook runs and stops only at the exercises, so the chapter's first part, most of
 # its cost, is executed once for both.
 #
-# A chapter that loads a reference checkpoint (WHEEL_CHAPTERS) runs in a kernel of wheel_venv(), as on
+# A chapter that loads a reference checkpoint (loads_a_checkpoint) runs in a kernel of wheel_venv(), as on
 # Colab: effnb and the checkpoints come from the installed wheel, and a last cell checks that they did and
 # that the chapter loaded its reference models from there rather than training its own (an earlier
 # tests/test_colab_wheel.py ran chapter 2 a second time for this; now each chapter runs once).
