@@ -83,7 +83,7 @@ def lab_environment() -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Register the kernel, fill the workspace, start JupyterLab there (replacing this process)."""
+    """Register the kernel, fill the workspace, run JupyterLab there until it exits; return its exit code."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workspace", type=Path, default=WORKSPACE, help="folder Lab opens (default workspace/)")
     parser.add_argument("--fresh", action="store_true", help="move existing copies to workspace/old-<time>/ and copy again")
