@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: book test lab pdf outputs benchmark assignments grade full-edition gpu-smoke browser env clean
+.PHONY: book test lab pdf outputs benchmark seeds assignments grade full-edition gpu-smoke browser env clean
 
 env: $(STAMP)
 
@@ -46,6 +46,11 @@ outputs: $(STAMP)  ## re-execute the chapters and store their ci outputs in note
 
 benchmark: $(STAMP)  ## time every chapter (ci profile) and write book/runtimes.md
 	$(BIN)/python scripts/run_notebooks.py --out _build/benchmark --runtimes book/runtimes.md
+
+SEEDS ?= 10 11
+NOTEBOOKS ?=
+seeds: $(STAMP)  ## every chapter (ci profile) on other seeds, SEEDS="10 11" (NOTEBOOKS= to pick chapters): completion and verdicts into data/results/seed-sweep.json (resumable)
+	$(BIN)/python scripts/seed_sweep.py --seeds $(SEEDS) $(NOTEBOOKS)
 
 FORMAT ?= native
 assignments: $(STAMP)  ## student notebooks and autograders of every chapter into _build/assignments (FORMAT=otter: otter-grader's format)

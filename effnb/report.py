@@ -18,7 +18,7 @@ from typing import Literal
 
 from effnb.config import check_choice
 
-__all__ = ["KINDS", "Claim", "claims_markdown", "load_claims", "median_range", "record_claim"]
+__all__ = ["KINDS", "Claim", "check_threshold", "claims_markdown", "load_claims", "median_range", "record_claim"]
 
 Kind = Literal["claim", "check"]
 KINDS: tuple[str, ...] = ("claim", "check")
@@ -29,7 +29,10 @@ class Claim:
     """One record: what the paper reports, what this run measured, and whether it agrees.
 
     ``kind`` is ``"claim"`` (a measurement that could have failed) or ``"check"`` (our code agrees
-    with itself or an equation); for a check, ``reproduced`` means "the check passed".
+    with itself or an equation); for a check, ``reproduced`` means "the check passed". ``value`` and
+    ``threshold``, when given, are the number the verdict compared and the bound it was compared with:
+    ``scripts/seed_sweep.py`` stores them, and ``tests/test_conventions.py`` uses them to show that a
+    verdict nbval compares lies far outside its run-to-run spread.
     """
 
     chapter: str
@@ -39,6 +42,8 @@ class Claim:
     reproduced: bool
     note: str = ""
     kind: Kind = "claim"
+    value: float | None = None
+    threshold: float | None = None
 
     def verdict(self) -> str:
         """A one-line, machine-independent summary, safe to print in an nbval-checked cell."""
@@ -48,13 +53,14 @@ class Claim:
 
 
 def record_claim(chapter: str, claim: str, paper: str, ours: str, reproduced: bool, note: str = "",
-                 kind: Kind = "claim") -> Claim:
+                 kind: Kind = "claim", value: float | None = None, threshold: float | None = None) -> Claim:
     """Record one claim or check; write it under ``EFFNB_REPORT_DIR`` when that is set.
 
     ``chapter`` is the notebook's stem (``"00_measuring_efficiency"``), ``paper`` the paper's
     figure as text, ``ours`` this run's figure as text. ``kind="claim"`` is a measurement that
     could have failed, with its threshold stated before the result; ``kind="check"`` is a
-    self-consistency test, which the report counts apart and never as reproduced. A record
+    self-consistency test, which the report counts apart and never as reproduced. ``value`` and
+    ``threshold`` (floats) record the number compared and its bound (see :class:`Claim`). A record
     with the same text replaces the earlier one. Raises ``TypeError`` unless ``reproduced`` is
     a bool, ``ValueError`` for an unknown ``kind``. Introduced in Chapter 0.
     """
@@ -63,7 +69,8 @@ def record_claim(chapter: str, claim: str, paper: str, ours: str, reproduced: bo
     if not chapter or not claim:
         raise ValueError("record_claim needs a non-empty chapter name and claim text.")
     check_choice("kind", kind, KINDS)
-    record = Claim(chapter, claim, str(paper), str(ours), reproduced, note, kind)
+    value, threshold = (None if v is None else float(v) for v in (value, threshold))
+    record = Claim(chapter, claim, str(paper), str(ours), reproduced, note, kind, value, threshold)
     directory = os.environ.get("EFFNB_REPORT_DIR")
     if directory:
         path = Path(directory) / f"{chapter}.json"
@@ -72,6 +79,20 @@ def record_claim(chapter: str, claim: str, paper: str, ours: str, reproduced: bo
         rows = [asdict(c) for c in existing] + [asdict(record)]
         path.write_text(json.dumps(rows, indent=2) + "\n")
     return record
+
+
+def check_threshold(chapter: str, check: str, value: float, threshold: float, at_least: bool = True,
+                    ours: str | None = None, paper: str = "") -> Claim:
+    """Record a check that ``value`` is at least (``at_least``) or at most ``threshold``: a baseline that
+    learned, a count within its bound. The verdict is computed here from the two numbers, which the record
+    keeps, so that the seed sweep can show how far the value stays from the threshold on every seed (DESIGN,
+    *stable everywhere*). ``ours`` defaults to the value with three decimals. Introduced in Chapter 0.
+    """
+    value, threshold = float(value), float(threshold)
+    passed = value >= threshold if at_least else value <= threshold
+    return record_claim(chapter, check, paper or f"{'>=' if at_least else '<='} {threshold:g}",
+                        f"{value:.3f}" if ours is None else ours, bool(passed), kind="check",
+                        value=value, threshold=threshold)
 
 
 def load_claims(directory: str | os.PathLike) -> list[Claim]:

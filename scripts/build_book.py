@@ -10,6 +10,7 @@ The steps are functions with the folders as parameters, so that other scripts
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -22,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import run_notebooks  # noqa: E402
+import seed_sweep  # noqa: E402
 
 from effnb.report import claims_markdown, load_claims  # noqa: E402
 
@@ -76,7 +78,9 @@ def write_report(stage: Path | None = None, claims: Path | None = None, executed
     stage, claims = stage or STAGE, claims or CLAIMS
     page = stage / "book" / "reproduction.md"
     table = claims_markdown(load_claims(claims)) if executed else NOT_EXECUTED
-    page.write_text(page.read_text().replace("<!-- CLAIMS TABLE -->", table))
+    sweep = json.loads(seed_sweep.RESULTS.read_text()) if seed_sweep.RESULTS.exists() else {}
+    page.write_text(page.read_text().replace("<!-- CLAIMS TABLE -->", table)
+                    .replace("<!-- SEED SWEEP -->", seed_sweep.sweep_markdown(sweep)))
 
 
 def render(stage: Path | None = None, html: Path | None = None) -> int:

@@ -7,6 +7,9 @@ Writes ``dit_digits8``, ``unet_digits8`` (class-conditional, digits 8×8 in [-1,
 schedule, T = 1000, uniform time steps) and ``classifier_digits8`` (the feature classifier of the
 offline sample-quality metric, on digits 8×8 in [0, 1]) as safetensors, and their sha256 in
 ``data/checkpoints/SHA256SUMS``. Later chapters load them with ``effnb.diffusion.load_reference``.
+``unet_digits8`` (Chapter 6's FP baseline) trains for 6,000 steps at batch 128 and keeps the EMA of its
+weights (decay 0.999); its sample accuracy (DDIM-20, 200 samples) is stored in its metadata.
+``--trial DIR`` writes ``dit_digits8`` or ``unet_digits8`` into DIR instead, to try a recipe first.
 
 ``dit4x64_digits8`` (Chapter 5, PTQ4DiT) is a larger DiT (4 layers × 64 wide, 393k parameters)
 trained for 6,000 steps at batch 128 with an EMA of its weights (decay 0.999), about 8 minutes
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
@@ -43,18 +47,32 @@ def make_classifier() -> None:
     print(f"classifier_digits8: test accuracy {accuracy:.3f}, sha256 {digest}")
 
 
-def make_diffusion(name: str, model: torch.nn.Module, steps: int, lr: float) -> None:
+def make_diffusion(name: str, model: torch.nn.Module, steps: int, lr: float, batch_size: int = 64,
+                   ema_decay: float = 0.0, directory=D.CHECKPOINT_DIR) -> None:
+    """Train ``model`` on digits 8x8 and save it (its EMA weights when ``ema_decay`` > 0) as ``name``, with its
+    held-out loss and, for the EMA models, its sample accuracy (DDIM-20, 200 samples) in the metadata."""
     split = load_digits(size=8, seed=SEED)
     x, y = split.x_train * 2 - 1, split.y_train                   # (N, 1, 8, 8) in [-1, 1]
     scheduler = D.make_scheduler("linear")
     start = time.perf_counter()
-    D.train_diffusion(model, scheduler, x, y, steps=steps, batch_size=64, lr=lr, seed=SEED, desc=name)
+    history = D.train_diffusion(model, scheduler, x, y, steps=steps, batch_size=batch_size, lr=lr, seed=SEED, desc=name,
+                                ema_decay=ema_decay)
+    model = history.ema.eval() if ema_decay else model
     loss = D.denoising_loss(model, scheduler, split.x_test * 2 - 1, split.y_test)
-    digest = D.save_reference(model, name, metadata={
-        "data": "digits 8x8 in [-1, 1], load_digits(size=8, seed=0) train split",
-        "schedule": "linear DDPM, T=1000, epsilon prediction, uniform time steps",
-        "steps": str(steps), "batch_size": "64", "lr": str(lr), "seed": str(SEED),
-        "held_out_loss": f"{loss:.4f}"})
+    metadata = {"data": "digits 8x8 in [-1, 1], load_digits(size=8, seed=0) train split",
+                "schedule": "linear DDPM, T=1000, epsilon prediction, uniform time steps",
+                "steps": str(steps), "batch_size": str(batch_size), "lr": str(lr), "seed": str(SEED),
+                "held_out_loss": f"{loss:.4f}"}
+    if ema_decay:
+        classifier, _ = D.load_reference("classifier_digits8")
+        with torch.no_grad():
+            reference = D.feature_statistics(classifier.features(split.x_test))
+        labels = torch.arange(10).repeat(20)
+        samples = D.sample(model, D.make_scheduler("linear", "ddim"), labels, num_inference_steps=20, seed=SEED)
+        quality = D.sample_quality(classifier, samples, labels, reference)
+        metadata.update(ema_decay=str(ema_decay), sample_accuracy=f"{quality.accuracy:.3f}")
+        print(f"{name}: sample accuracy {quality.accuracy:.3f} (DDIM-20, 200 samples)")
+    digest = D.save_reference(model, name, metadata=metadata, directory=directory)
     print(f"{name}: {steps} steps in {time.perf_counter() - start:.0f} s, held-out loss {loss:.4f}, sha256 {digest}")
 
 
@@ -98,6 +116,7 @@ def make_dit4x64(steps: int = 6000) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=D.REFERENCE_NAMES, help="re-create only this checkpoint")
+    parser.add_argument("--trial", type=Path, help="with --only unet_digits8 or dit_digits8: write into this folder instead")
     args = parser.parse_args()
     torch.set_num_threads(2)
     names = [args.only] if args.only else list(D.REFERENCE_NAMES)
@@ -105,12 +124,15 @@ def main() -> None:
         make_classifier()
     if "dit_digits8" in names:
         seed_everything(SEED)
-        make_diffusion("dit_digits8", D.tiny_dit("ci"), steps=4000, lr=1e-3)
+        make_diffusion("dit_digits8", D.tiny_dit("ci"), steps=4000, lr=1e-3, directory=args.trial or D.CHECKPOINT_DIR)
     if any(n.startswith("dit4x64_digits8") for n in names):
         make_dit4x64()
     if "unet_digits8" in names:
         seed_everything(SEED)
-        make_diffusion("unet_digits8", D.tiny_unet("ci"), steps=2000, lr=1e-3)
+        # Chapter 6's FP baseline: with 2,000 steps and no EMA its samples scored 0.90-0.95 from seed to seed, on the
+        # 0.9 floor the chapter asks of it; 6,000 steps at batch 128 with an EMA of the weights lift it clear of that.
+        make_diffusion("unet_digits8", D.tiny_unet("ci"), steps=6000, lr=1e-3, batch_size=128, ema_decay=0.999,
+                       directory=args.trial or D.CHECKPOINT_DIR)
 
 
 if __name__ == "__main__":

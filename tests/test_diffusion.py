@@ -238,6 +238,21 @@ def test_sample_quality_against_an_independent_computation():
     assert expected > 1e-3 and quality.frechet == pytest.approx(expected, rel=1e-4)
 
 
+def test_sample_quality_accuracy_compares_exactly_with_a_threshold():
+    # 135 of 150 is 0.9: in float32 the mean is 0.89999998 and ">= 0.9" failed (chapter 6 at SEED=10);
+    # the count is kept and divided in float64, which gives the double nearest 0.9, equal to the literal.
+    torch.manual_seed(0)
+    clf = SmallCNN(width=4).eval()
+    samples = torch.rand(150, 1, 8, 8) * 2 - 1
+    with torch.no_grad():
+        labels = clf((samples + 1) / 2).argmax(1)
+    labels[:15] = (labels[:15] + 1) % 10
+    real = clf.features(torch.rand(32, 1, 8, 8)).detach().double().numpy()
+    quality = D.sample_quality(clf, samples, labels, (real.mean(0), np.cov(real, rowvar=False)))
+    assert (quality.correct, quality.total) == (135, 150)
+    assert quality.accuracy == 0.9 and quality.accuracy >= 0.9 and float(torch.tensor(135 / 150)) < 0.9
+
+
 # ------------------------------------------------------------------- checkpoints
 def test_checkpoint_round_trip_dit_unet_and_classifier(tmp_path):
     torch.manual_seed(0)

@@ -60,6 +60,17 @@ def test_reproduced_must_be_a_real_bool():
         report.record_claim("", "c", "1", "1", True)
 
 
+def test_check_threshold_keeps_value_and_threshold_and_decides_from_them(monkeypatch, tmp_path):
+    monkeypatch.setenv("EFFNB_REPORT_DIR", str(tmp_path))
+    at_least = report.check_threshold("00_x", "the baseline learned", 0.9, 0.9)
+    at_most = report.check_threshold("00_x", "the error is small", 0.61, 0.6, at_least=False, ours="0.61x")
+    assert at_least.verdict() == "[check passed] the baseline learned" and (at_least.value, at_least.threshold) == (0.9, 0.9)
+    assert at_most.verdict() == "[check FAILED] the error is small" and at_most.ours == "0.61x"
+    assert at_least.paper == ">= 0.9" and at_most.paper == "<= 0.6"
+    loaded = {c.claim: c for c in report.load_claims(tmp_path)}
+    assert loaded["the error is small"].value == 0.61 and loaded["the error is small"].kind == "check"
+
+
 def test_colours_are_stable_and_unknown_roles_fail():
     # Pinned: a method keeps its colour in every chapter (Okabe-Ito grey and vermilion).
     assert (plot.color("baseline"), plot.color("method"), plot.color("alternative")) == ("#7f7f7f", "#d55e00", "#0072b2")

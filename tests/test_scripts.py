@@ -1,6 +1,7 @@
 """The tooling: notebook runner, run-time table, report page, book staging."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -66,7 +67,21 @@ def test_book_staging_and_report_page(tmp_path, monkeypatch):
     build_book.write_report()
     page = (tmp_path / "src" / "book" / "reproduction.md").read_text()
     assert "| 00_measuring_efficiency | claim | a claim | reproduced | 1 | 1 |  |" in page
-    assert "<!-- CLAIMS TABLE -->" not in page
+    assert "<!-- CLAIMS TABLE -->" not in page and "<!-- SEED SWEEP -->" not in page
+    assert "## Verdicts at other seeds" in page
+
+
+def test_sweep_markdown_lists_each_claim_per_seed_and_failures():
+    data = {"machine": {"cpu": "AMD EPYC", "cores": 2, "torch": "2.13.0"}, "date": "2026-12-07", "commit": "abc1234",
+            "seeds": [10, 11], "runs": {"03_x": {
+                "10": {"completed": True, "claims": [{"kind": "claim", "claim": "A > B", "verdict": "[reproduced] A > B"},
+                                                     {"kind": "check", "claim": "learned", "verdict": "[check passed] learned"}]},
+                "11": {"completed": False, "claims": [{"kind": "claim", "claim": "A > B", "verdict": "[NOT reproduced] A > B"}]}}}}
+    page = seed_sweep.sweep_markdown(data)
+    assert "| SEED=10 | SEED=11 |" in page and "AMD EPYC" in page and "abc1234" in page
+    assert "| 03_x | A > B | reproduced | NOT reproduced |" in page and "learned" not in page
+    assert "**did not complete** at seeds 11" in page
+    assert "No seed sweep" in seed_sweep.sweep_markdown({})
 
 
 # ----------------------------------------------------------------------------- the GPU smoke run
@@ -246,3 +261,51 @@ def test_lab_environment_turns_widgets_on_and_drops_a_non_inline_backend(monkeyp
     assert env["EFFNB_WIDGETS"] == "1" and "MPLBACKEND" not in env and env["HF_HUB_OFFLINE"] == "1"
     command = lab.lab_command(Path("/tmp/ws"), ["--no-browser"])
     assert command[1:3] == ["-m", "jupyterlab"] and "--ServerApp.root_dir=/tmp/ws" in command and command[-1] == "--no-browser"
+
+
+# ----------------------------------------------------------------------------- the seed sweep
+import seed_sweep  # noqa: E402
+
+
+def test_seed_sweep_reads_what_nbval_compares_sanitized_as_nbval_does():
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("# NBVAL_CHECK_OUTPUT\nprint(1)", outputs=[
+            nbformat.v4.new_output("stream", name="stdout", text="[check passed] fast: 12.5 ms at 0x7f00ab\n")]),
+        nbformat.v4.new_code_cell("print(2)", outputs=[nbformat.v4.new_output("stream", name="stdout", text="[reproduced] x\n")]),
+        nbformat.v4.new_code_cell("# NBVAL_CHECK_OUTPUT\n1", outputs=[
+            nbformat.v4.new_output("execute_result", data={"text/plain": "1"}, execution_count=1)])])
+    assert seed_sweep.checked_outputs(nb) == ["[check passed] fast: TIME at ADDRESS\n", "1"]
+
+
+def test_seed_sweep_runs_each_chapter_and_seed_once_and_resumes(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(notebook, seed, out):
+        calls.append((notebook.stem, seed))
+        ok = not (notebook.stem == "01_b" and seed == 11)
+        return {"completed": ok, "error": None if ok else "cell 3: AssertionError: the baseline did not learn",
+                "seconds": 1.0, "claims": [], "nbval": ["[check passed] x\n"]}
+
+    monkeypatch.setattr(seed_sweep, "run_one", fake_run)
+    notebooks = []
+    for name in ("00_a", "01_b"):
+        path = tmp_path / f"{name}.ipynb"
+        nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(f"x = '{name}'")]), path)
+        notebooks.append(path)
+    results, out = tmp_path / "sweep.json", tmp_path / "seeds"
+    data = seed_sweep.sweep(notebooks, [10, 11], out, results)
+    assert calls == [("00_a", 10), ("01_b", 10), ("00_a", 11), ("01_b", 11)]
+    assert data["seeds"] == [10, 11] and {"cpu", "torch", "instruction_sets"} <= set(data["machine"]) and data["commit"]
+    assert data["runs"]["01_b"]["11"]["completed"] is False and "did not learn" in data["runs"]["01_b"]["11"]["error"]
+    seed_sweep.sweep(notebooks, [10, 11], out, results)            # nothing changed: every run is reused
+    assert len(calls) == 4
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 'changed'")]), notebooks[0])
+    seed_sweep.sweep(notebooks, [11], out, results)               # a changed chapter runs again, the rest is kept
+    assert calls[4:] == [("00_a", 11)]
+    assert set(json.loads(results.read_text())["runs"]["00_a"]) == {"10", "11"}
+
+
+def test_seed_sweep_refuses_a_negative_seed(capsys):
+    with pytest.raises(SystemExit):
+        seed_sweep.main(["--seeds", "-1"])
+    assert "non-negative integers" in capsys.readouterr().err

@@ -41,6 +41,7 @@ def test_evaluate_per_class_matches_hand_count():
     y = torch.tensor([0, 1, 2, 2, 1])
     acc = train.evaluate(Fixed(), x, y, num_classes=4)
     assert acc.overall == pytest.approx(3 / 5)
+    assert acc.overall == 3 / 5 and acc.per_class.dtype == torch.float64   # counts divided in float64: exact at a threshold
     assert acc.per_class[:3].tolist() == pytest.approx([1.0, 0.5, 0.5])
     assert torch.isnan(acc.per_class[3])  # class 3 never appears
 
