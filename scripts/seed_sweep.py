@@ -1,7 +1,7 @@
 """Run every chapter (ci profile) on other seeds and record whether it completes and what it concludes.
 
-  python scripts/seed_sweep.py --seeds 10 11            # what `make seeds SEEDS="10 11"` runs
-  python scripts/seed_sweep.py --seeds 0 10 11 notebooks/08_fbpt.ipynb
+  python scripts/seed_sweep.py --seeds 0 10 11 20       # what `make seeds` runs (the stored sweep)
+  python scripts/seed_sweep.py notebooks/08_fbpt.ipynb --seeds 0 10 11
 
 Each chapter runs with papermill and ``-p SEED <seed>`` into ``_build/seeds/<seed>/``, with
 ``EFFNB_REPORT_DIR`` pointing at that run's own claims folder. For every chapter and seed the sweep
@@ -121,6 +121,8 @@ def run_one(notebook: Path, seed: int, out: Path) -> dict:
                                    cwd=str(folder), progress_bar=False, log_output=False)
     except papermill.PapermillExecutionError as err:
         record.update(completed=False, error=f"cell {err.exec_count}: {err.ename}: {err.evalue}"[:600])
+    except Exception as err:                       # a dead kernel, a timeout: recorded, and the sweep goes on
+        record.update(completed=False, error=f"{type(err).__name__}: {err}"[:600])
     finally:
         os.environ.pop("EFFNB_REPORT_DIR", None)
     record["seconds"] = round(time.perf_counter() - start, 1)
@@ -158,6 +160,7 @@ def sweep(notebooks: list[Path], seeds: list[int], out: Path = OUT, results: Pat
                 cache.write_text(json.dumps({"fingerprint": key, "record": record}, indent=1) + "\n")
                 print(f"  {'completed' if record['completed'] else 'FAILED: ' + record['error']} "
                       f"in {record['seconds']:.0f} s", flush=True)
+            record["fingerprint"] = key[:16]
             runs.setdefault(notebook.stem, {})[str(seed)] = record
             data = {"machine": machine(), "commit": commit(), "date": dt.date.today().isoformat(),
                     "seeds": sorted({int(s) for ch in runs.values() for s in ch}),

@@ -12,12 +12,12 @@ seeds, so a printed line may be compared only if no such difference can change i
 2. A compared cell prints *checks*: that a baseline learned, that a count lies within its bound, that our code
    agrees with an equation. A check that compares a number with a threshold records both
    (``effnb.report.check_threshold``), and across the seeds of the sweep the number must stay farther from
-   the threshold than the whole run-to-run spread of that number (its range over the seeds), so that another
-   CPU, which moves it by less than another seed does, cannot flip it either.
+   the threshold than twice the whole run-to-run spread of that number (its range over the seeds), so that
+   another seed, or another CPU, which moves it by less than another seed does, cannot flip it either.
 3. Every compared cell prints the same text at every seed of the sweep, and every chapter completes at every
-   seed of the sweep (seeds 10 and 11 at least).
+   seed of the sweep (seeds 10, 11 and 20 at least; 20 shares no internal seed with the others).
 
-Rules 1 and 2's form are checked on the sources and stored outputs below; rules 2's margin and 3 against the
+Rules 1 and 2's form are checked on the sources and stored outputs below; rule 2's margin and rule 3 against the
 stored sweep (``test_seed_sweep_*``).
 """
 from __future__ import annotations
@@ -235,15 +235,15 @@ def test_every_chapter_records_a_measured_claim(nb):
 
 # ----------------------------------------------------------------------------- the stored seed sweep
 SWEEP = ROOT / "data" / "results" / "seed-sweep.json"
-SWEEP_SEEDS = (10, 11)   # the seeds every chapter must complete at (make seeds SEEDS="10 11"); the sweep may hold more
-REFRESH_SWEEP = 'make seeds SEEDS="0 10 11" NOTEBOOKS=notebooks/{name}'
+SWEEP_SEEDS = (10, 11, 20)   # every chapter must complete at these (20 shares no internal seed with 0, 10 or 11)
+REFRESH_SWEEP = 'make seeds SEEDS="0 10 11 20" NOTEBOOKS=notebooks/{name}'
 
 
 @pytest.fixture(scope="module")
 def sweep():
     import json
 
-    assert SWEEP.exists(), f"{SWEEP.relative_to(ROOT)} is missing: run make seeds SEEDS=\"0 10 11\""
+    assert SWEEP.exists(), f"{SWEEP.relative_to(ROOT)} is missing: run make seeds SEEDS=\"0 10 11 20\""
     return json.loads(SWEEP.read_text())
 
 
@@ -275,8 +275,8 @@ def test_seed_sweep_compared_output_is_the_same_at_every_seed(nb, sweep):
 
 
 def test_seed_sweep_compared_checks_lie_outside_their_spread(nb, sweep):
-    """Rule 2's margin: a compared check stays farther from its threshold, at every seed, than the range of its
-    value over the seeds."""
+    """Rule 2's margin: a compared check stays farther from its threshold, at every seed, than twice the range of
+    its value over the seeds (a range over three or four seeds understates the spread, hence the factor)."""
     from seed_sweep import checked_outputs
 
     compared = "".join(checked_outputs(nb))
@@ -288,6 +288,6 @@ def test_seed_sweep_compared_checks_lie_outside_their_spread(nb, sweep):
     for claim, rows in records.items():
         values, threshold = [r["value"] for r in rows], rows[0]["threshold"]
         spread, margin = max(values) - min(values), min(abs(v - threshold) for v in values)
-        assert margin > spread, (f"{claim!r}: value {min(values):.4g} to {max(values):.4g} over the sweep's seeds, "
-                                 f"threshold {threshold:g}: its margin {margin:.3g} is within its spread {spread:.3g}; "
+        assert margin > 2 * spread, (f"{claim!r}: value {min(values):.4g} to {max(values):.4g} over the sweep's seeds, "
+                                     f"threshold {threshold:g}: its margin {margin:.3g} is within twice its spread {spread:.3g}; "
                                  "do not let nbval compare it (or make the baseline learn)")
