@@ -1,0 +1,171 @@
+"""Declared claims and their three-way verdicts, from per-seed values (DESIGN, *evidence standard*).
+
+A claim is declared before its arms run (:class:`ClaimSpec`: statement, metric, direction, threshold,
+seeds, comparison, noise floor), and judged afterwards from the per-seed values by :func:`judge`:
+
+- the effect is the mean over seeds of the method's value (``comparison="fixed"``) or of its paired
+  difference from the baseline at the same seed (``comparison="paired"``);
+- its 95% interval comes from :func:`scipy.stats.bootstrap` (percentile method, resampling seeds);
+- the A/A floor is the largest absolute end of the same interval for the A/A differences (the baseline
+  against itself with another training seed, at the same seed count);
+- **reproduced** when the whole interval lies strictly beyond the threshold and the floor, **not
+  reproduced** when it lies strictly on the other side of the threshold, **inconclusive** otherwise, with
+  the number of seeds at which an interval of the same spread would no longer straddle the threshold.
+
+The printed form is ``[verdict] statement: effect, 95% CI [lo, hi] (threshold >= t, n seeds; ~m needed)``.
+Introduced for issue 31; chapters move to it one by one.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+import numpy as np
+from scipy import stats
+
+from effnb.config import check_choice
+
+__all__ = ["COMPARISONS", "DIRECTIONS", "OUTCOMES", "ClaimSpec", "Evidence", "interval", "judge", "outcome",
+           "seeds_needed"]
+
+DIRECTIONS: tuple[str, ...] = ("higher", "lower")
+COMPARISONS: tuple[str, ...] = ("paired", "fixed")
+OUTCOMES: tuple[str, ...] = ("reproduced", "not reproduced", "inconclusive")
+CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True)
+class ClaimSpec:
+    """A claim as declared before its arms run.
+
+    ``direction`` says which side of ``threshold`` reproduces the claim: ``"higher"`` (effect >= threshold) or
+    ``"lower"`` (effect <= threshold). ``comparison`` is ``"paired"`` (method minus baseline at the same seed)
+    or ``"fixed"`` (the method's value itself against the threshold). ``noise_floor`` names the A/A control.
+    """
+
+    statement: str
+    metric: str
+    direction: Literal["higher", "lower"]
+    threshold: float
+    seeds: tuple[int, ...]
+    comparison: Literal["paired", "fixed"] = "paired"
+    noise_floor: str = "the baseline against itself with another training seed"
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        check_choice("direction", self.direction, DIRECTIONS)
+        check_choice("comparison", self.comparison, COMPARISONS)
+        if not self.statement:
+            raise ValueError("a claim needs a statement, e.g. statement='DQAS beats DQ at 2%'.")
+        if len(self.seeds) < 2:
+            raise ValueError(f"seeds={self.seeds!r}: an interval needs at least 2 seeds, e.g. seeds=(0, 1, 2).")
+        if not math.isfinite(float(self.threshold)):
+            raise ValueError(f"threshold={self.threshold!r} must be a finite number.")
+
+    @property
+    def sign(self) -> str:
+        return ">=" if self.direction == "higher" else "<="
+
+    def declaration(self) -> str:
+        """One line to print when the claim is declared, before any arm runs."""
+        what = "method - baseline, paired by seed" if self.comparison == "paired" else "the method's value"
+        return (f"[declared] {self.statement}: {self.metric} ({what}) {self.sign} {self.threshold:g}, "
+                f"{len(self.seeds)} seeds {list(self.seeds)}, beyond the A/A floor ({self.noise_floor})")
+
+
+def interval(values: Sequence[float], confidence: float = CONFIDENCE, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of ``values`` and its bootstrap ``confidence`` interval ``(mean, lo, hi)``, resampling the values
+    with :func:`scipy.stats.bootstrap` (percentile method, 9,999 resamples, seeded). Identical values give a
+    zero-width interval. Raises ``ValueError`` for fewer than 2 values or a non-finite one."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 1 or len(x) < 2:
+        raise ValueError(f"an interval needs at least 2 per-seed values, got {len(x)}.")
+    if not np.isfinite(x).all():
+        raise ValueError(f"per-seed values must be finite numbers, got {x.tolist()}.")
+    mean = float(x.mean())
+    if np.ptp(x) == 0:
+        return mean, mean, mean
+    result = stats.bootstrap((x,), np.mean, confidence_level=confidence, n_resamples=9999, method="percentile",
+                             random_state=np.random.default_rng(seed))
+    return mean, float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def outcome(lo: float, hi: float, threshold: float, direction: str, floor: float | None = None) -> str:
+    """The three-way verdict for an effect interval ``[lo, hi]``: reproduced when the whole interval lies
+    strictly beyond ``threshold`` on the claim's side and, when an A/A ``floor`` (a magnitude >= 0) is given,
+    strictly beyond it too, so the effect beats what the seed alone moves; not reproduced when it lies
+    strictly on the other side of ``threshold``; inconclusive otherwise (an interval that touches the
+    threshold, exact ties included)."""
+    check_choice("direction", direction, DIRECTIONS)
+    if lo > hi:
+        raise ValueError(f"interval [{lo}, {hi}] has lo > hi.")
+    if floor is not None and floor < 0:
+        raise ValueError(f"floor={floor} must be >= 0 (a magnitude).")
+    if direction == "higher":
+        if lo > threshold and (floor is None or lo > floor):
+            return "reproduced"
+        return "not reproduced" if hi < threshold else "inconclusive"
+    if hi < threshold and (floor is None or hi < -floor):
+        return "reproduced"
+    return "not reproduced" if lo > threshold else "inconclusive"
+
+
+def seeds_needed(effect: float, lo: float, hi: float, n: int, threshold: float) -> int | None:
+    """Seeds at which an interval of this spread (half-width shrinking as 1/sqrt(n)) would stop straddling the
+    threshold; ``None`` when the effect sits on the threshold (no number of seeds settles it)."""
+    distance = abs(effect - threshold)
+    half_width = (hi - lo) / 2
+    if distance == 0:
+        return None
+    return max(n, math.ceil(n * (half_width / distance) ** 2))
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """A judged claim: the effect, its interval, the A/A floor and the verdict."""
+
+    spec: ClaimSpec
+    effect: float
+    lo: float
+    hi: float
+    floor: float | None
+    outcome: str
+    needed: int | None
+
+    def line(self, digits: int = 3) -> str:
+        """``[verdict] statement: effect, 95% CI [lo, hi] (threshold >= t, n seeds; ~m needed)``."""
+        f = f"{{:.{digits}f}}"
+        floor = "" if self.floor is None else f", A/A floor {f.format(self.floor)}"
+        tail = f"threshold {self.spec.sign} {self.spec.threshold:g}{floor}, {len(self.spec.seeds)} seeds"
+        if self.outcome == "inconclusive":
+            tail += f"; ~{self.needed} needed" if self.needed else "; on the threshold"
+        return (f"[{self.outcome}] {self.spec.statement}: {f.format(self.effect)}, {int(CONFIDENCE * 100)}% CI "
+                f"[{f.format(self.lo)}, {f.format(self.hi)}] ({tail})")
+
+
+def judge(spec: ClaimSpec, method: Sequence[float], baseline: Sequence[float] | None = None,
+          aa: Sequence[float] | None = None) -> Evidence:
+    """Judge ``spec`` from per-seed values, one per seed of ``spec.seeds`` and in that order: ``method``,
+    ``baseline`` (needed for a paired claim) and ``aa``, the A/A differences (baseline at another training
+    seed minus baseline), whose interval's largest absolute end is the floor (none without an A/A control)."""
+    n = len(spec.seeds)
+    method = np.asarray(method, dtype=np.float64)
+    if len(method) != n:
+        raise ValueError(f"{len(method)} method values for {n} seeds; give one per seed of the declaration.")
+    if spec.comparison == "paired":
+        if baseline is None or len(baseline) != n:
+            raise ValueError(f"a paired claim needs one baseline value per seed ({n}), got "
+                             f"{None if baseline is None else len(baseline)}.")
+        values = method - np.asarray(baseline, dtype=np.float64)
+    else:
+        values = method
+    effect, lo, hi = interval(values)
+    floor = None
+    if aa is not None:
+        if len(aa) != n:
+            raise ValueError(f"{len(aa)} A/A values for {n} seeds; the A/A control runs at the same seed count.")
+        _, aa_lo, aa_hi = interval(aa)
+        floor = max(abs(aa_lo), abs(aa_hi))
+    verdict = outcome(lo, hi, spec.threshold, spec.direction, floor)
+    return Evidence(spec, effect, lo, hi, floor, verdict, seeds_needed(effect, lo, hi, n, spec.threshold))
