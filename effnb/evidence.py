@@ -6,14 +6,15 @@ seeds, comparison, noise floor), and judged afterwards from the per-seed values 
 - the effect is the mean over seeds of the method's value (``comparison="fixed"``) or of its paired
   difference from the baseline at the same seed (``comparison="paired"``);
 - its 95% interval comes from :func:`scipy.stats.bootstrap` (percentile method, resampling seeds);
-- the A/A floor is the largest absolute end of the same interval for the A/A differences (the baseline
-  against itself with another training seed, at the same seed count);
-- **reproduced** when the whole interval lies strictly beyond the threshold and the floor, **not
+- the A/A floor is how far the same interval for the A/A control (the baseline against itself with another
+  training seed, at the same seed count) reaches from the claim's ``null``, the effect of no effect (0 for a
+  difference, 1 for a ratio);
+- **reproduced** when the whole interval lies strictly beyond the threshold and beyond null ± floor, **not
   reproduced** when it lies strictly on the other side of the threshold, **inconclusive** otherwise, with
   the number of seeds at which an interval of the same spread would no longer straddle the threshold.
 
-The printed form is ``[verdict] statement: effect, 95% CI [lo, hi] (threshold >= t, n seeds; ~m needed)``.
-Introduced for issue 31; chapters move to it one by one.
+The printed form is ``[verdict] statement: effect, 95% CI [lo, hi] (threshold >= t, n seeds; ~m needed)``;
+:func:`effnb.report.record_evidence` records it for the reproduction report. Introduced in Chapter 0.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from scipy import stats
 from effnb.config import check_choice
 
 __all__ = ["COMPARISONS", "DIRECTIONS", "OUTCOMES", "ClaimSpec", "Evidence", "interval", "judge", "outcome",
-           "seeds_needed"]
+           "seeds_needed", "verdict_line"]
 
 DIRECTIONS: tuple[str, ...] = ("higher", "lower")
 COMPARISONS: tuple[str, ...] = ("paired", "fixed")
@@ -41,7 +42,9 @@ class ClaimSpec:
 
     ``direction`` says which side of ``threshold`` reproduces the claim: ``"higher"`` (effect >= threshold) or
     ``"lower"`` (effect <= threshold). ``comparison`` is ``"paired"`` (method minus baseline at the same seed)
-    or ``"fixed"`` (the method's value itself against the threshold). ``noise_floor`` names the A/A control.
+    or ``"fixed"`` (the method's value itself against the threshold). ``noise_floor`` names the A/A control (``None``: an absolute
+    threshold, no A/A arm), and
+    ``null`` is the effect when the method changes nothing (0 for a difference; 1 for a ratio such as a speed-up).
     """
 
     statement: str
@@ -50,7 +53,8 @@ class ClaimSpec:
     threshold: float
     seeds: tuple[int, ...]
     comparison: Literal["paired", "fixed"] = "paired"
-    noise_floor: str = "the baseline against itself with another training seed"
+    noise_floor: str | None = "the baseline against itself with another training seed"
+    null: float = 0.0
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -60,8 +64,9 @@ class ClaimSpec:
             raise ValueError("a claim needs a statement, e.g. statement='DQAS beats DQ at 2%'.")
         if len(self.seeds) < 2:
             raise ValueError(f"seeds={self.seeds!r}: an interval needs at least 2 seeds, e.g. seeds=(0, 1, 2).")
-        if not math.isfinite(float(self.threshold)):
-            raise ValueError(f"threshold={self.threshold!r} must be a finite number.")
+        for name in ("threshold", "null"):
+            if not math.isfinite(float(getattr(self, name))):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a finite number.")
 
     @property
     def sign(self) -> str:
@@ -70,8 +75,9 @@ class ClaimSpec:
     def declaration(self) -> str:
         """One line to print when the claim is declared, before any arm runs."""
         what = "method - baseline, paired by seed" if self.comparison == "paired" else "the method's value"
+        floor = f", beyond the A/A floor ({self.noise_floor})" if self.noise_floor else ""
         return (f"[declared] {self.statement}: {self.metric} ({what}) {self.sign} {self.threshold:g}, "
-                f"{len(self.seeds)} seeds {list(self.seeds)}, beyond the A/A floor ({self.noise_floor})")
+                f"{len(self.seeds)} seeds {list(self.seeds)}{floor}")
 
 
 def interval(values: Sequence[float], confidence: float = CONFIDENCE, seed: int = 0) -> tuple[float, float, float]:
@@ -91,10 +97,11 @@ def interval(values: Sequence[float], confidence: float = CONFIDENCE, seed: int 
     return mean, float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
-def outcome(lo: float, hi: float, threshold: float, direction: str, floor: float | None = None) -> str:
+def outcome(lo: float, hi: float, threshold: float, direction: str, floor: float | None = None,
+            null: float = 0.0) -> str:
     """The three-way verdict for an effect interval ``[lo, hi]``: reproduced when the whole interval lies
     strictly beyond ``threshold`` on the claim's side and, when an A/A ``floor`` (a magnitude >= 0) is given,
-    strictly beyond it too, so the effect beats what the seed alone moves; not reproduced when it lies
+    strictly beyond ``null`` ± floor too, so the effect beats what the seed alone moves; not reproduced when it lies
     strictly on the other side of ``threshold``; inconclusive otherwise (an interval that touches the
     threshold, exact ties included)."""
     check_choice("direction", direction, DIRECTIONS)
@@ -103,10 +110,10 @@ def outcome(lo: float, hi: float, threshold: float, direction: str, floor: float
     if floor is not None and floor < 0:
         raise ValueError(f"floor={floor} must be >= 0 (a magnitude).")
     if direction == "higher":
-        if lo > threshold and (floor is None or lo > floor):
+        if lo > threshold and (floor is None or lo > null + floor):
             return "reproduced"
         return "not reproduced" if hi < threshold else "inconclusive"
-    if hi < threshold and (floor is None or hi < -floor):
+    if hi < threshold and (floor is None or hi < null - floor):
         return "reproduced"
     return "not reproduced" if lo > threshold else "inconclusive"
 
@@ -119,6 +126,18 @@ def seeds_needed(effect: float, lo: float, hi: float, n: int, threshold: float) 
     if distance == 0:
         return None
     return max(n, math.ceil(n * (half_width / distance) ** 2))
+
+
+def verdict_line(verdict: str, statement: str, effect: float, lo: float, hi: float, sign: str, threshold: float,
+                 floor: float | None, n: int, needed: int | None, digits: int = 3) -> str:
+    """``[verdict] statement: effect, 95% CI [lo, hi] (threshold >= t, A/A floor f, n seeds; ~m needed)``, the
+    one printed form of a judged claim (:meth:`Evidence.line`, :meth:`effnb.report.Claim.verdict`)."""
+    f = f"{{:.{digits}f}}"
+    tail = f"threshold {sign} {threshold:g}" + ("" if floor is None else f", A/A floor {f.format(floor)}") + f", {n} seeds"
+    if verdict == "inconclusive":
+        tail += f"; ~{needed} needed" if needed else "; on the threshold"
+    return (f"[{verdict}] {statement}: {f.format(effect)}, {int(CONFIDENCE * 100)}% CI "
+            f"[{f.format(lo)}, {f.format(hi)}] ({tail})")
 
 
 @dataclass(frozen=True)
@@ -135,20 +154,16 @@ class Evidence:
 
     def line(self, digits: int = 3) -> str:
         """``[verdict] statement: effect, 95% CI [lo, hi] (threshold >= t, n seeds; ~m needed)``."""
-        f = f"{{:.{digits}f}}"
-        floor = "" if self.floor is None else f", A/A floor {f.format(self.floor)}"
-        tail = f"threshold {self.spec.sign} {self.spec.threshold:g}{floor}, {len(self.spec.seeds)} seeds"
-        if self.outcome == "inconclusive":
-            tail += f"; ~{self.needed} needed" if self.needed else "; on the threshold"
-        return (f"[{self.outcome}] {self.spec.statement}: {f.format(self.effect)}, {int(CONFIDENCE * 100)}% CI "
-                f"[{f.format(self.lo)}, {f.format(self.hi)}] ({tail})")
+        return verdict_line(self.outcome, self.spec.statement, self.effect, self.lo, self.hi, self.spec.sign,
+                            self.spec.threshold, self.floor, len(self.spec.seeds), self.needed, digits)
 
 
 def judge(spec: ClaimSpec, method: Sequence[float], baseline: Sequence[float] | None = None,
           aa: Sequence[float] | None = None) -> Evidence:
     """Judge ``spec`` from per-seed values, one per seed of ``spec.seeds`` and in that order: ``method``,
-    ``baseline`` (needed for a paired claim) and ``aa``, the A/A differences (baseline at another training
-    seed minus baseline), whose interval's largest absolute end is the floor (none without an A/A control)."""
+    ``baseline`` (needed for a paired claim) and ``aa``, the A/A control in the effect's units (for a paired claim,
+    the baseline at another training seed minus the baseline; for a fixed ratio, the baseline timed against
+    itself): the floor is how far its interval reaches from ``spec.null`` (none without an A/A control)."""
     n = len(spec.seeds)
     method = np.asarray(method, dtype=np.float64)
     if len(method) != n:
@@ -166,6 +181,6 @@ def judge(spec: ClaimSpec, method: Sequence[float], baseline: Sequence[float] | 
         if len(aa) != n:
             raise ValueError(f"{len(aa)} A/A values for {n} seeds; the A/A control runs at the same seed count.")
         _, aa_lo, aa_hi = interval(aa)
-        floor = max(abs(aa_lo), abs(aa_hi))
-    verdict = outcome(lo, hi, spec.threshold, spec.direction, floor)
+        floor = max(abs(aa_lo - spec.null), abs(aa_hi - spec.null))
+    verdict = outcome(lo, hi, spec.threshold, spec.direction, floor, spec.null)
     return Evidence(spec, effect, lo, hi, floor, verdict, seeds_needed(effect, lo, hi, n, spec.threshold))

@@ -1,9 +1,12 @@
 """Record each chapter's claims for the book's *Reproduction report* page.
 
-A chapter's claim cell calls :func:`record_claim` once per claim of the paper. Two kinds are
-kept apart (DESIGN, *evidence standard*): a **claim** compares the paper's statement with a
-measurement of this run that could have failed; a **check** shows that our code agrees with
-itself or with an equation. A check never counts as a reproduced claim. When the
+A chapter declares each claim of the paper before its arms run (:class:`effnb.evidence.ClaimSpec`), judges it
+from per-seed values (:func:`effnb.evidence.judge`) and records the result with :func:`record_evidence`. Two
+kinds are kept apart (DESIGN, *evidence standard*): a **claim** compares the paper's statement with a
+measurement of this run that could have failed, and ends **reproduced**, **not reproduced** or
+**inconclusive** from its 95% interval; a **check** (:func:`check_threshold`, or :func:`record_claim` with
+``kind="check"``) shows that our code agrees with itself or with an equation, or that a baseline has learned.
+A check never counts as a reproduced claim. When the
 environment variable ``EFFNB_REPORT_DIR`` is set (the book build sets it), the claims are
 written to ``<dir>/<chapter>.json``; ``scripts/build_book.py`` then turns every file into the
 report page with :func:`claims_markdown`. Introduced in Chapter 0.
@@ -17,8 +20,10 @@ from pathlib import Path
 from typing import Literal
 
 from effnb.config import check_choice
+from effnb.evidence import OUTCOMES, Evidence, verdict_line
 
-__all__ = ["KINDS", "Claim", "check_threshold", "claims_markdown", "load_claims", "median_range", "record_claim"]
+__all__ = ["KINDS", "Claim", "check_threshold", "claims_markdown", "forest_plot", "load_claims", "median_range",
+           "record_claim", "record_evidence"]
 
 Kind = Literal["claim", "check"]
 KINDS: tuple[str, ...] = ("claim", "check")
@@ -32,7 +37,10 @@ class Claim:
     with itself or an equation); for a check, ``reproduced`` means "the check passed". ``value`` and
     ``threshold``, when given, are the number the verdict compared and the bound it was compared with:
     ``scripts/seed_sweep.py`` stores them, and ``tests/test_conventions.py`` uses them to show that a
-    verdict nbval compares lies far outside its run-to-run spread.
+    verdict nbval compares lies far outside its run-to-run spread. A judged claim
+    (:func:`record_evidence`) also keeps its three-way ``outcome``, its 95% interval ``[lo, hi]``, the A/A
+    ``floor`` and ``null``, its ``direction``, the number of ``seeds`` and the seeds ``needed``; ``value`` is then
+    the effect.
     """
 
     chapter: str
@@ -44,12 +52,34 @@ class Claim:
     kind: Kind = "claim"
     value: float | None = None
     threshold: float | None = None
+    outcome: str | None = None
+    lo: float | None = None
+    hi: float | None = None
+    floor: float | None = None
+    null: float = 0.0
+    direction: str = "higher"
+    seeds: int | None = None
+    needed: int | None = None
+
+    @property
+    def status(self) -> str:
+        """``"passed"``/``"FAILED"`` for a check; the three-way outcome of a judged claim; for a claim recorded
+        without an interval (older records), ``"reproduced"`` or ``"not reproduced"``."""
+        if self.kind == "check":
+            return "passed" if self.reproduced else "FAILED"
+        return self.outcome or ("reproduced" if self.reproduced else "not reproduced")
 
     def verdict(self) -> str:
-        """A one-line, machine-independent summary, safe to print in an nbval-checked cell."""
+        """One line: ``[check passed] ...`` for a check; for a judged claim the evidence line with its 95%
+        interval (:func:`effnb.evidence.verdict_line`). A claim's line holds measured numbers, so only a check
+        may be printed in an nbval-checked cell."""
         if self.kind == "check":
-            return f"[check {'passed' if self.reproduced else 'FAILED'}] {self.claim}"
-        return f"[{'reproduced' if self.reproduced else 'NOT reproduced'}] {self.claim}"
+            return f"[check {self.status}] {self.claim}"
+        if self.outcome is None:
+            return f"[{'reproduced' if self.reproduced else 'NOT reproduced'}] {self.claim}"
+        return verdict_line(self.outcome, self.claim, self.value, self.lo, self.hi,
+                            ">=" if self.direction == "higher" else "<=", self.threshold, self.floor, self.seeds,
+                            self.needed)
 
 
 def record_claim(chapter: str, claim: str, paper: str, ours: str, reproduced: bool, note: str = "",
@@ -70,15 +100,36 @@ def record_claim(chapter: str, claim: str, paper: str, ours: str, reproduced: bo
         raise ValueError("record_claim needs a non-empty chapter name and claim text.")
     check_choice("kind", kind, KINDS)
     value, threshold = (None if v is None else float(v) for v in (value, threshold))
-    record = Claim(chapter, claim, str(paper), str(ours), reproduced, note, kind, value, threshold)
+    return _write(Claim(chapter, claim, str(paper), str(ours), reproduced, note, kind, value, threshold))
+
+
+def _write(record: Claim) -> Claim:
+    """Write ``record`` under ``EFFNB_REPORT_DIR`` when that is set, replacing a record with the same text."""
     directory = os.environ.get("EFFNB_REPORT_DIR")
     if directory:
-        path = Path(directory) / f"{chapter}.json"
+        path = Path(directory) / f"{record.chapter}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        existing = [c for c in load_claims(path.parent) if c.chapter == chapter and c.claim != claim]
+        existing = [c for c in load_claims(path.parent) if c.chapter == record.chapter and c.claim != record.claim]
         rows = [asdict(c) for c in existing] + [asdict(record)]
         path.write_text(json.dumps(rows, indent=2) + "\n")
     return record
+
+
+def record_evidence(chapter: str, evidence: Evidence, paper: str, ours: str = "", note: str = "") -> Claim:
+    """Record a claim judged by :func:`effnb.evidence.judge`: its statement, effect, 95% interval, A/A floor and
+    three-way verdict, beside the ``paper``'s figure as text. ``ours`` (default: the verdict line's numbers) and
+    ``note`` add what the interval leaves out: the arms' own values, the scale, the machine. ``reproduced`` is
+    true only for the outcome "reproduced". Introduced in Chapter 0."""
+    if not isinstance(evidence, Evidence):
+        raise TypeError(f"evidence={evidence!r} must be what effnb.evidence.judge returns.")
+    spec = evidence.spec
+    if not chapter:
+        raise ValueError("record_evidence needs a non-empty chapter name.")
+    ours = ours or f"{evidence.effect:.3f}, 95% CI [{evidence.lo:.3f}, {evidence.hi:.3f}]"
+    return _write(Claim(chapter, spec.statement, str(paper), str(ours), evidence.outcome == "reproduced", note,
+                        "claim", float(evidence.effect), float(spec.threshold), evidence.outcome, float(evidence.lo),
+                        float(evidence.hi), None if evidence.floor is None else float(evidence.floor),
+                        float(spec.null), spec.direction, len(spec.seeds), evidence.needed))
 
 
 def check_threshold(chapter: str, check: str, value: float, threshold: float, at_least: bool = True,
@@ -111,7 +162,8 @@ def load_claims(directory: str | os.PathLike) -> list[Claim]:
             raise ValueError(f"{path} is not JSON ({err.msg}); remove it from EFFNB_REPORT_DIR, which holds "
                              "only the claim files record_claim writes.") from None
         if not isinstance(rows, list) or not all(
-                isinstance(r, dict) and required <= set(r) <= fields and r.get("kind", "claim") in KINDS for r in rows):
+                isinstance(r, dict) and required <= set(r) <= fields and r.get("kind", "claim") in KINDS
+                and r.get("outcome") in (None, *OUTCOMES) for r in rows):
             raise ValueError(f"{path} is not a claim file written by record_claim; remove it from "
                              "EFFNB_REPORT_DIR, which holds only those.")
         claims.extend(Claim(**row) for row in rows)
@@ -122,41 +174,94 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def claims_markdown(claims: list[Claim]) -> str:
-    """Markdown for the report page: a per-chapter summary, then one row per claim or check.
+STATUSES: tuple[str, ...] = (*OUTCOMES, "checks")
+LETTER = {"reproduced": "R", "not reproduced": "N", "inconclusive": "I"}
 
-    Measured claims and checks are counted apart: a check that passes is not a reproduced claim.
-    The detail table puts the verdict right after the claim so that it stays visible on narrow screens.
-    """
+
+def _effect(c: Claim) -> str:
+    if c.outcome is None:
+        return _cell(c.ours)
+    return f"{c.value:.3f} [{c.lo:.3f}, {c.hi:.3f}]"
+
+
+def claims_markdown(claims: list[Claim], stability: dict[tuple[str, str], list[str]] | None = None) -> str:
+    """Markdown for the report page: the counts of reproduced / not reproduced / inconclusive claims and of
+    checks; per chapter a table of its claims (verdict, effect with its 95% interval, threshold, and the
+    verdicts at the seeds of ``stability``, which maps ``(chapter, claim)`` to one outcome per swept seed,
+    ``""`` where that seed has no such claim), a list of its checks, and the paper's figure, this run's and the
+    note per claim. Four narrow columns keep the page within 1280 px. A check is never a reproduced claim."""
     if not claims:
         return "No chapter has recorded a claim yet.\n"
+    stability = stability or {}
     measured = [c for c in claims if c.kind == "claim"]
     checks = [c for c in claims if c.kind == "check"]
+    counts = {o: sum(c.status == o for c in measured) for o in OUTCOMES}
+    lines = [f"**{len(measured)} measured claims: {counts['reproduced']} reproduced, {counts['not reproduced']} "
+             f"not reproduced, {counts['inconclusive']} inconclusive. {len(checks)} checks: "
+             f"{sum(c.reproduced for c in checks)} passed** (a check is never counted as a reproduced claim).", "",
+             "| chapter | claims | reproduced | not reproduced | inconclusive | checks passed |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
     chapters: dict[str, list[Claim]] = {}
     for c in claims:
         chapters.setdefault(c.chapter, []).append(c)
-    lines = [
-        f"{sum(c.reproduced for c in measured)} of {len(measured)} measured claims reproduced; "
-        f"{sum(c.reproduced for c in checks)} of {len(checks)} checks passed.",
-        "",
-        "| chapter | measured claims | reproduced | checks | passed |",
-        "| --- | ---: | ---: | ---: | ---: |",
-    ]
     for ch, cs in chapters.items():
-        m = [c for c in cs if c.kind == "claim"]
-        k = [c for c in cs if c.kind == "check"]
-        lines.append(f"| {_cell(ch)} | {len(m)} | {sum(c.reproduced for c in m)} | {len(k)} | "
-                     f"{sum(c.reproduced for c in k)} |")
-    lines += ["", "| chapter | kind | claim | verdict | paper | this run | note |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
-    for c in sorted(claims, key=lambda c: (c.chapter, c.kind != "claim")):
-        if c.kind == "check":
-            mark = "passed" if c.reproduced else "**FAILED**"
-        else:
-            mark = "reproduced" if c.reproduced else "**not reproduced**"
-        lines.append(f"| {_cell(c.chapter)} | {c.kind} | {_cell(c.claim)} | {mark} | {_cell(c.paper)} | "
-                     f"{_cell(c.ours)} | {_cell(c.note)} |")
+        m, k = [c for c in cs if c.kind == "claim"], [c for c in cs if c.kind == "check"]
+        lines.append(f"| {_cell(ch)} | {len(m)} | " + " | ".join(str(sum(c.status == o for c in m)) for o in OUTCOMES)
+                     + f" | {sum(c.reproduced for c in k)} of {len(k)} |")
+    for ch, cs in chapters.items():
+        lines += ["", f"### {ch}", ""]
+        m, k = [c for c in cs if c.kind == "claim"], [c for c in cs if c.kind == "check"]
+        if m:
+            lines += ["| claim | verdict | effect, 95% CI | threshold | at other seeds |", "| --- | --- | --- | --- | --- |"]
+            for c in m:
+                seeds = " ".join(LETTER.get(o, o[:1].upper() or "·") for o in stability.get((c.chapter, c.claim), []))
+                mark = c.status if c.status == "reproduced" else f"**{c.status}**"
+                bound = "" if c.threshold is None else f"{'≥' if c.direction == 'higher' else '≤'} {c.threshold:g}"
+                floor = "" if c.floor is None else f", A/A ±{c.floor:.3f}"
+                lines.append(f"| {_cell(c.claim)} | {mark} | {_effect(c)} | {bound}{floor} | {seeds or '—'} |")
+        if k:
+            lines += [""] + [f"- check {'passed' if c.reproduced else '**FAILED**'}: {_cell(c.claim)} ({_cell(c.ours)})"
+                             for c in k]
+        if m:
+            lines += [""] + [f"- *{_cell(c.claim)}*. Paper: {_cell(c.paper)}. This run: {_cell(c.ours)}."
+                             + (f" {_cell(c.note)}" if c.note else "") for c in m]
     return "\n".join(lines) + "\n"
+
+
+def forest_plot(claims: list[Claim]):
+    """One row per judged claim, grouped by chapter: the effect (dot) and its 95% interval (bar), the threshold
+    (dashed line) and the A/A band (grey, null ± floor), each row on its own axis since units differ; the
+    colour is the verdict. Returns the matplotlib figure, or ``None`` when no claim carries an interval."""
+    from matplotlib.figure import Figure
+
+    from effnb.plot import use_style
+
+    rows = [c for c in claims if c.kind == "claim" and c.outcome is not None]
+    if not rows:
+        return None
+    use_style()
+    colors = {"reproduced": "#009e73", "not reproduced": "#d55e00", "inconclusive": "#7f7f7f"}
+    fig = Figure(figsize=(11, 0.42 * len(rows) + 0.8))      # no pyplot: nothing global to close
+    axes = fig.subplots(len(rows), 1, squeeze=False)
+    fig.subplots_adjust(left=0.56, right=0.98, top=1 - 0.45 / fig.get_figheight(), bottom=0.35 / fig.get_figheight(),
+                        hspace=1.1)
+    for ax, c, previous in zip(axes[:, 0], rows, [None, *rows[:-1]]):
+        ends = [c.lo, c.hi, c.threshold] + ([] if c.floor is None else [c.null - c.floor, c.null + c.floor])
+        pad = 0.08 * ((max(ends) - min(ends)) or 1.0)
+        ax.set_xlim(min(ends) - pad, max(ends) + pad)
+        if c.floor is not None:
+            ax.axvspan(c.null - c.floor, c.null + c.floor, color="#bbbbbb", alpha=0.5, lw=0)
+        ax.axvline(c.threshold, color="#000000", ls="--", lw=1)
+        ax.plot([c.lo, c.hi], [0, 0], color=colors[c.outcome], lw=3, solid_capstyle="butt")
+        ax.plot([c.value], [0], "o", color=colors[c.outcome], ms=6)
+        ax.set_yticks([]), ax.grid(False), ax.tick_params(axis="x", labelsize=7, length=2, pad=1)
+        ax.spines[["left", "top", "right"]].set_visible(False)
+        label = f"{c.chapter[:2]} · {c.claim if len(c.claim) <= 78 else c.claim[:77] + '…'}"
+        ax.text(-0.02, 0.5, label, transform=ax.transAxes, ha="right", va="center", fontsize=8,
+                fontweight="bold" if previous is None or previous.chapter != c.chapter else "normal")
+    axes[0, 0].set_title("effect and 95% CI (colour: green reproduced, orange not reproduced, grey inconclusive); "
+                         "dashed: threshold; grey band: A/A", fontsize=8, loc="right")
+    return fig
 
 
 def median_range(values, digits: int = 3) -> str:

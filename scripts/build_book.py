@@ -25,7 +25,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import run_notebooks  # noqa: E402
 import seed_sweep  # noqa: E402
 
-from effnb.report import claims_markdown, load_claims  # noqa: E402
+from effnb.report import claims_markdown, forest_plot, load_claims  # noqa: E402
+
+FOREST = "reproduction_forest.png"  # the report page's forest plot, written beside it
 
 BUILD = ROOT / "_build"
 STAGE = BUILD / "src"
@@ -77,9 +79,15 @@ def write_report(stage: Path | None = None, claims: Path | None = None, executed
     """Fill the staged reproduction-report page with the claims this build recorded in ``claims``."""
     stage, claims = stage or STAGE, claims or CLAIMS
     page = stage / "book" / "reproduction.md"
-    table = claims_markdown(load_claims(claims)) if executed else NOT_EXECUTED
     sweep = json.loads(seed_sweep.RESULTS.read_text()) if seed_sweep.RESULTS.exists() else {}
-    page.write_text(page.read_text().replace("<!-- CLAIMS TABLE -->", table)
+    records = load_claims(claims) if executed else []
+    table = claims_markdown(records, seed_sweep.stability(sweep)) if executed else NOT_EXECUTED
+    figure = forest_plot(records)
+    forest = ""
+    if figure is not None:
+        figure.savefig(page.parent / FOREST, dpi=110)
+        forest = f"![One row per claim: its effect, 95% interval, threshold and A/A band]({FOREST})\n"
+    page.write_text(page.read_text().replace("<!-- CLAIMS TABLE -->", table).replace("<!-- FOREST PLOT -->", forest)
                     .replace("<!-- SEED SWEEP -->", seed_sweep.sweep_markdown(sweep)))
 
 

@@ -127,8 +127,8 @@ def run_one(notebook: Path, seed: int, out: Path) -> dict:
         os.environ.pop("EFFNB_REPORT_DIR", None)
     record["seconds"] = round(time.perf_counter() - start, 1)
     claims = load_claims(claims_dir) if claims_dir.exists() else []
-    record["claims"] = [{"kind": c.kind, "claim": c.claim, "verdict": c.verdict(), "ours": c.ours, "value": c.value,
-                         "threshold": c.threshold} for c in claims]
+    record["claims"] = [{"kind": c.kind, "claim": c.claim, "verdict": c.verdict(), "outcome": c.status, "ours": c.ours,
+                         "value": c.value, "threshold": c.threshold, "lo": c.lo, "hi": c.hi} for c in claims]
     record["nbval"] = checked_outputs(nbformat.read(executed, as_version=4)) if executed.exists() else []
     return record
 
@@ -171,6 +171,24 @@ def sweep(notebooks: list[Path], seeds: list[int], out: Path = OUT, results: Pat
     return data
 
 
+def outcome_of(record: dict) -> str:
+    """A stored claim's verdict: its ``outcome``, or for a record stored before claims had intervals, the word in
+    its verdict line (``[NOT reproduced] ...`` -> ``"not reproduced"``)."""
+    return record.get("outcome") or record["verdict"].split("]", 1)[0].lstrip("[").lower()
+
+
+def stability(data: dict) -> dict[tuple[str, str], list[str]]:
+    """``(chapter, claim)`` -> its outcome at each swept seed, in the sweep's order (``""`` where the seed has no
+    such claim): what the report page shows beside each claim."""
+    seeds, table = [str(s) for s in data.get("seeds", [])], {}
+    for chapter, by_seed in data.get("runs", {}).items():
+        for i, s in enumerate(seeds):
+            for record in by_seed.get(s, {}).get("claims", []):
+                if record["kind"] == "claim":
+                    table.setdefault((chapter, record["claim"]), [""] * len(seeds))[i] = outcome_of(record)
+    return table
+
+
 def sweep_markdown(data: dict) -> str:
     """Markdown for the reproduction report: per chapter and seed, whether the chapter completed and each
     measured claim's verdict, with where and when the sweep ran."""
@@ -191,8 +209,7 @@ def sweep_markdown(data: dict) -> str:
         for s in seeds:
             for record in by_seed.get(s, {}).get("claims", []):
                 if record["kind"] == "claim":
-                    mark = record["verdict"].split("]", 1)[0].lstrip("[")
-                    claims.setdefault(record["claim"], {})[s] = mark
+                    claims.setdefault(record["claim"], {})[s] = outcome_of(record)
         for claim, marks in claims.items():
             cells = [marks.get(s, "") for s in seeds]
             lines.append(f"| {chapter} | {claim.replace('|', '/')} | " + " | ".join(cells) + " |")

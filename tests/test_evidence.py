@@ -56,6 +56,16 @@ def test_lower_and_fixed_claims():
     assert E.outcome(-0.3, -0.2, 0.0, "lower", floor=0.15) == "reproduced"
 
 
+def test_a_ratio_claim_measures_its_floor_from_its_null():
+    ratio = E.ClaimSpec("binary beats float", "speed-up", "higher", 1.0, SEEDS, "fixed", "float timed against float",
+                        null=1.0)
+    aa = 1 + np.array([0.05, -0.04, 0.03, -0.05, 0.04, -0.03, 0.05, -0.04])
+    assert E.judge(ratio, np.linspace(1.5, 1.6, 8), aa=aa).outcome == "reproduced"
+    swallowed = E.judge(ratio, np.linspace(1.02, 1.03, 8), aa=aa)
+    assert swallowed.lo > 1.0 and 0 < swallowed.floor < 0.06 and swallowed.outcome == "inconclusive"
+    assert "A/A floor" not in E.ClaimSpec("x", "m", "higher", 0.8, SEEDS, "fixed", None).declaration()
+
+
 def test_the_declaration_is_printed_before_the_run():
     text = spec(0.01).declaration()
     assert text.startswith("[declared] method beats baseline: accuracy (method - baseline, paired by seed) >= 0.01")

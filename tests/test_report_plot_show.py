@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from effnb import plot, report, show
+from effnb import evidence, plot, report, show
 
 
 def test_record_claim_without_directory_only_returns(monkeypatch, tmp_path):
@@ -22,9 +22,10 @@ def test_record_claim_writes_replaces_and_renders(monkeypatch, tmp_path):
     assert [(c.chapter, c.claim) for c in claims] == [("00_x", "exact"), ("01_y", "small"), ("01_y", "fast")]
     assert json.loads((tmp_path / "01_y.json").read_text())[1]["ours"] == "1.4x"
     table = report.claims_markdown(claims)
-    assert "| 01_y | claim | fast | **not reproduced** | 3x | 1.4x | small \\| scale |" in table
-    assert table.startswith("2 of 3 measured claims reproduced; 0 of 0 checks passed.")
-    assert "| 00_x | 1 | 1 | 0 | 0 |" in table and "| 01_y | 2 | 1 | 0 | 0 |" in table
+    assert "| fast | **not reproduced** | 1.4x |  | — |" in table
+    assert "- *fast*. Paper: 3x. This run: 1.4x. small \\| scale" in table
+    assert table.startswith("**3 measured claims: 2 reproduced, 1 not reproduced, 0 inconclusive. 0 checks: 0 passed**")
+    assert "| 00_x | 1 | 1 | 0 | 0 | 0 of 0 |" in table and "| 01_y | 2 | 1 | 1 | 0 | 0 of 0 |" in table
     assert report.claims_markdown([]) == "No chapter has recorded a claim yet.\n"
 
 
@@ -36,13 +37,50 @@ def test_checks_are_counted_apart_and_never_as_reproduced(monkeypatch, tmp_path)
     assert failed.verdict() == "[check FAILED] bytes add up"
     report.record_claim("00_x", "latency within 2x of the roofline", "<= 2x", "1.4x", True)
     table = report.claims_markdown(report.load_claims(tmp_path))
-    assert table.startswith("1 of 1 measured claims reproduced; 1 of 2 checks passed.")
-    assert "| 00_x | 1 | 1 | 2 | 1 |" in table
-    rows = [line for line in table.splitlines() if line.startswith("| 00_x | c")]
-    assert [r.split(" | ")[1] for r in rows] == ["claim", "check", "check"], "measured claims first"
-    assert "| check | bytes add up | **FAILED** |" in table
+    assert table.startswith("**1 measured claims: 1 reproduced, 0 not reproduced, 0 inconclusive. 2 checks: 1 passed**")
+    assert "| 00_x | 1 | 1 | 0 | 0 | 1 of 2 |" in table
+    assert "- check **FAILED**: bytes add up (2)" in table
     with pytest.raises(ValueError, match="kind='guess' is not valid; use one of 'claim', 'check'"):
         report.record_claim("00_x", "c", "1", "1", True, kind="guess")
+
+
+def judged(threshold=0.0, aa=None):
+    spec = evidence.ClaimSpec("A beats B", "accuracy", "higher", threshold, (0, 1, 2, 3))
+    return evidence.judge(spec, (0.9, 0.92, 0.91, 0.93), (0.8, 0.81, 0.8, 0.82), aa)
+
+
+def test_record_evidence_keeps_the_interval_and_three_way_verdict(monkeypatch, tmp_path):
+    monkeypatch.setenv("EFFNB_REPORT_DIR", str(tmp_path))
+    won = report.record_evidence("02_z", judged(aa=(0.01, -0.01, 0.0, 0.01)), paper="+10 points")
+    assert won.verdict() == judged(aa=(0.01, -0.01, 0.0, 0.01)).line() and "95% CI [" in won.verdict()
+    assert won.reproduced and won.status == "reproduced" and won.seeds == 4 and won.floor > 0
+    unsure = report.record_evidence("02_z", evidence.judge(evidence.ClaimSpec(
+        "C beats D", "accuracy", "higher", 0.0, (0, 1, 2)), (0.9, 0.7, 0.8), (0.8, 0.8, 0.8)), paper="+1 point")
+    assert unsure.status == "inconclusive" and not unsure.reproduced and "needed)" in unsure.verdict()
+    report.check_threshold("02_z", "B has learned", 0.8, 0.5)
+    back = report.load_claims(tmp_path)
+    assert [c.verdict() for c in back] == [won.verdict(), unsure.verdict(), "[check passed] B has learned"]
+    table = report.claims_markdown(back, {("02_z", "A beats B"): ["reproduced", "inconclusive", ""]})
+    assert table.startswith("**2 measured claims: 1 reproduced, 0 not reproduced, 1 inconclusive. 1 checks: 1 passed**")
+    assert (f"| A beats B | reproduced | {won.value:.3f} [{won.lo:.3f}, {won.hi:.3f}] | ≥ 0, A/A ±{won.floor:.3f} "
+            "| R I · |") in table
+    assert "| C beats D | **inconclusive** |" in table and "- check passed: B has learned (0.800)" in table
+    assert max(len(line) for line in table.splitlines() if line.startswith("| ")) < 200
+    with pytest.raises(TypeError, match="what effnb.evidence.judge returns"):
+        report.record_evidence("02_z", 0.3, paper="x")
+
+
+def test_forest_plot_has_one_row_per_judged_claim(monkeypatch, tmp_path):
+    monkeypatch.delenv("EFFNB_REPORT_DIR", raising=False)
+    rows = [report.record_evidence("02_z", judged(aa=(0.01, -0.01, 0.0, 0.01)), paper="x"),
+            report.record_evidence("03_w", judged(0.2), paper="y"),
+            report.check_threshold("03_w", "learned", 1, 0), report.record_claim("03_w", "old", "1", "1", True)]
+    fig = report.forest_plot(rows)
+    assert len(fig.axes) == 2 and fig.get_figwidth() * 110 <= 1280
+    assert any("A beats B" in t.get_text() for t in fig.axes[0].texts)
+    fig.savefig(tmp_path / "forest.png")
+    assert (tmp_path / "forest.png").stat().st_size > 1000
+    assert report.forest_plot(rows[2:]) is None
 
 
 @pytest.mark.parametrize("content", ['{"hello": 1}', "not json", '[{"chapter": "x"}]', '[{"chapter": "x", '

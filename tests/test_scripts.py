@@ -66,8 +66,8 @@ def test_book_staging_and_report_page(tmp_path, monkeypatch):
     record_claim("00_measuring_efficiency", "a claim", "1", "1", True)
     build_book.write_report()
     page = (tmp_path / "src" / "book" / "reproduction.md").read_text()
-    assert "| 00_measuring_efficiency | claim | a claim | reproduced | 1 | 1 |  |" in page
-    assert "<!-- CLAIMS TABLE -->" not in page and "<!-- SEED SWEEP -->" not in page
+    assert "| a claim | reproduced | 1 |  | — |" in page
+    assert "<!-- CLAIMS TABLE -->" not in page and "<!-- SEED SWEEP -->" not in page and "<!-- FOREST" not in page
     assert "## Verdicts at other seeds" in page
 
 
@@ -79,7 +79,8 @@ def test_sweep_markdown_lists_each_claim_per_seed_and_failures():
                 "11": {"completed": False, "claims": [{"kind": "claim", "claim": "A > B", "verdict": "[NOT reproduced] A > B"}]}}}}
     page = seed_sweep.sweep_markdown(data)
     assert "| SEED=10 | SEED=11 |" in page and "AMD EPYC" in page and "abc1234" in page
-    assert "| 03_x | A > B | reproduced | NOT reproduced |" in page and "learned" not in page
+    assert "| 03_x | A > B | reproduced | not reproduced |" in page and "learned" not in page
+    assert seed_sweep.stability(data) == {("03_x", "A > B"): ["reproduced", "not reproduced"]}
     assert "**did not complete** at seeds 11" in page
     assert "No seed sweep" in seed_sweep.sweep_markdown({})
 
