@@ -30,6 +30,7 @@ __all__ = [
     "cpu_name",
     "last_level_cache_bytes",
     "latency",
+    "latency_rounds",
     "measure_bandwidth",
     "measure_machine",
     "measure_matmul",
@@ -144,6 +145,24 @@ def latency(fn: Callable[[], object], warmup: int = 3, repeats: int = 10,
         _sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def latency_rounds(fns: dict[str, Callable[[], object]], rounds: int = 5, warmup: int = 3, repeats: int = 5,
+                   device: torch.device | None = None) -> dict[str, list[float]]:
+    """Per-round latencies of several functions, interleaved so that a drift of the machine touches every one
+    alike: each of ``rounds`` rounds times every ``fns[name]`` in turn with :func:`latency` (median of
+    ``repeats`` after ``warmup``). Returns ``{name: [seconds per round]}``: the per-round values that
+    :func:`effnb.evidence.judge` turns into an interval for a speed claim, where a round plays the part of a
+    seed. Give the same function under two names for an A/A control. Introduced in Chapter 7."""
+    if rounds < 2:
+        raise ValueError(f"rounds={rounds}: an interval needs at least 2 rounds, e.g. rounds=5.")
+    if not fns:
+        raise ValueError("latency_rounds needs at least one function to time, e.g. {'float32': f}.")
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(latency(fn, warmup, repeats, device))
+    return times
 
 
 class _AllocationTracker(TorchDispatchMode):

@@ -49,6 +49,17 @@ def test_latency_is_median_of_repeats(monkeypatch):
         measure.latency(lambda: None, repeats=0)
 
 
+def test_latency_rounds_interleave_the_functions(monkeypatch):
+    order = []
+    monkeypatch.setattr(measure, "latency", lambda fn, warmup, repeats, device: (fn(), float(len(order)))[1])
+    times = measure.latency_rounds({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, rounds=3)
+    assert order == ["a", "b"] * 3 and times == {"a": [1.0, 3.0, 5.0], "b": [2.0, 4.0, 6.0]}
+    with pytest.raises(ValueError, match="at least 2 rounds"):
+        measure.latency_rounds({"a": lambda: None}, rounds=1)
+    with pytest.raises(ValueError, match="at least one function"):
+        measure.latency_rounds({})
+
+
 def test_peak_memory_counts_live_tensors():
     def three_buffers():
         a = torch.ones(1000, 250)  # 1 MB
