@@ -72,6 +72,20 @@ def test_the_declaration_is_printed_before_the_run():
     assert "8 seeds" in text and "A/A floor" in text
 
 
+def test_few_seeds_get_students_t_interval_not_their_range():
+    from scipy import stats
+
+    three = [0.10, 0.12, 0.14]
+    mean, lo, hi = E.interval(three)
+    t = stats.ttest_1samp(three, 0.0).confidence_interval(0.95)
+    assert (lo, hi) == pytest.approx((t.low, t.high)) and lo < 0.08 and hi > 0.16, "wider than the range of 3 values"
+    many = np.random.default_rng(1).normal(0.5, 0.1, 200)
+    _, lo, hi = E.interval(many)
+    boot = stats.bootstrap((many,), np.mean, method="percentile", n_resamples=9999,
+                           random_state=np.random.default_rng(0)).confidence_interval
+    assert lo <= boot.low and hi >= boot.high and hi - lo == pytest.approx(boot.high - boot.low, rel=0.1)
+
+
 def test_the_interval_comes_from_scipy_and_is_reproducible():
     values = [0.1, 0.3, 0.2, 0.5, 0.4]
     assert E.interval(values) == E.interval(values)
