@@ -136,13 +136,18 @@ def seeds_needed(effect: float, lo: float, hi: float, n: int, threshold: float) 
 
 
 def verdict_line(verdict: str, statement: str, effect: float, lo: float, hi: float, sign: str, threshold: float,
-                 floor: float | None, n: int, needed: int | None, digits: int = 3) -> str:
+                 floor: float | None, n: int, needed: int | None, digits: int = 3, null: float = 0.0) -> str:
     """``[verdict] statement: effect, 95% CI [lo, hi] (threshold >= t, A/A floor f, n seeds; ~m needed)``, the
-    one printed form of a judged claim (:meth:`Evidence.line`, :meth:`effnb.report.Claim.verdict`)."""
+    one printed form of a judged claim (:meth:`Evidence.line`, :meth:`effnb.report.Claim.verdict`). An
+    inconclusive claim ends with the seeds needed, or "within the A/A floor" when the effect itself is no larger
+    than what the seed alone moves (more seeds would not clear it), or "on the threshold"."""
     f = f"{{:.{digits}f}}"
     tail = f"threshold {sign} {threshold:g}" + ("" if floor is None else f", A/A floor {f.format(floor)}") + f", {n} seeds"
     if verdict == "inconclusive":
-        tail += f"; ~{needed} needed" if needed else "; on the threshold"
+        if floor is not None and abs(effect - null) <= floor and (effect - threshold) * (1 if sign == ">=" else -1) > 0:
+            tail += "; within the A/A floor"
+        else:
+            tail += f"; ~{needed} needed" if needed else "; on the threshold"
     return (f"[{verdict}] {statement}: {f.format(effect)}, {int(CONFIDENCE * 100)}% CI "
             f"[{f.format(lo)}, {f.format(hi)}] ({tail})")
 
@@ -162,7 +167,7 @@ class Evidence:
     def line(self, digits: int = 3) -> str:
         """``[verdict] statement: effect, 95% CI [lo, hi] (threshold >= t, n seeds; ~m needed)``."""
         return verdict_line(self.outcome, self.spec.statement, self.effect, self.lo, self.hi, self.spec.sign,
-                            self.spec.threshold, self.floor, len(self.spec.seeds), self.needed, digits)
+                            self.spec.threshold, self.floor, len(self.spec.seeds), self.needed, digits, self.spec.null)
 
 
 def judge(spec: ClaimSpec, method: Sequence[float], baseline: Sequence[float] | None = None,
@@ -190,4 +195,8 @@ def judge(spec: ClaimSpec, method: Sequence[float], baseline: Sequence[float] | 
         _, aa_lo, aa_hi = interval(aa)
         floor = max(abs(aa_lo - spec.null), abs(aa_hi - spec.null))
     verdict = outcome(lo, hi, spec.threshold, spec.direction, floor, spec.null)
-    return Evidence(spec, effect, lo, hi, floor, verdict, seeds_needed(effect, lo, hi, n, spec.threshold))
+    bound = spec.threshold        # what the interval must clear: on the claim's side, the floor's edge too
+    if floor is not None and (effect - spec.threshold) * (1 if spec.direction == "higher" else -1) > 0:
+        edge = spec.null + floor if spec.direction == "higher" else spec.null - floor
+        bound = max(bound, edge) if spec.direction == "higher" else min(bound, edge)
+    return Evidence(spec, effect, lo, hi, floor, verdict, seeds_needed(effect, lo, hi, n, bound))

@@ -79,7 +79,7 @@ class Claim:
             return f"[{'reproduced' if self.reproduced else 'NOT reproduced'}] {self.claim}"
         return verdict_line(self.outcome, self.claim, self.value, self.lo, self.hi,
                             ">=" if self.direction == "higher" else "<=", self.threshold, self.floor, self.seeds,
-                            self.needed)
+                            self.needed, null=self.null)
 
 
 def record_claim(chapter: str, claim: str, paper: str, ours: str, reproduced: bool, note: str = "",

@@ -39,6 +39,9 @@ def test_an_aa_floor_that_swallows_the_effect_keeps_it_from_being_reproduced():
     with_floor = E.judge(spec(0.0), diffs, np.zeros(8), aa=aa)
     assert without.outcome == "reproduced"
     assert with_floor.floor > with_floor.hi and with_floor.outcome == "inconclusive"
+    assert with_floor.line().endswith("8 seeds; within the A/A floor)"), "held back by the floor, not by the threshold"
+    near = E.judge(spec(0.0), np.linspace(0.0, 0.12, 8), np.zeros(8), aa=aa / 2)
+    assert near.outcome == "inconclusive" and near.effect > near.floor and near.needed > 8
 
 
 def test_exact_ties_give_a_zero_width_interval():
