@@ -48,6 +48,7 @@ class ClaimSpec:
     or ``"fixed"`` (the method's value itself against the threshold). ``noise_floor`` names the A/A control (``None``: an absolute
     threshold, no A/A arm), and
     ``null`` is the effect when the method changes nothing (0 for a difference; 1 for a ratio such as a speed-up).
+    ``unit`` names what ``seeds`` count when they are not training seeds: ``"rounds"`` of timing, ``"seed pairs"``.
     """
 
     statement: str
@@ -58,6 +59,7 @@ class ClaimSpec:
     comparison: Literal["paired", "fixed"] = "paired"
     noise_floor: str | None = "the baseline against itself with another training seed"
     null: float = 0.0
+    unit: str = "seeds"
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -77,10 +79,10 @@ class ClaimSpec:
 
     def declaration(self) -> str:
         """One line to print when the claim is declared, before any arm runs."""
-        what = "method - baseline, paired by seed" if self.comparison == "paired" else "the method's value"
+        what = f"method - baseline, paired by {self.unit.removesuffix('s')}" if self.comparison == "paired" else "the method's value"
         floor = f", beyond the A/A floor ({self.noise_floor})" if self.noise_floor else ""
         return (f"[declared] {self.statement}: {self.metric} ({what}) {self.sign} {self.threshold:g}, "
-                f"{len(self.seeds)} seeds {list(self.seeds)}{floor}")
+                f"{len(self.seeds)} {self.unit} {list(self.seeds)}{floor}")
 
 
 def interval(values: Sequence[float], confidence: float = CONFIDENCE, seed: int = 0) -> tuple[float, float, float]:
@@ -136,13 +138,14 @@ def seeds_needed(effect: float, lo: float, hi: float, n: int, threshold: float) 
 
 
 def verdict_line(verdict: str, statement: str, effect: float, lo: float, hi: float, sign: str, threshold: float,
-                 floor: float | None, n: int, needed: int | None, digits: int = 3, null: float = 0.0) -> str:
+                 floor: float | None, n: int, needed: int | None, digits: int = 3, null: float = 0.0,
+                 unit: str = "seeds") -> str:
     """``[verdict] statement: effect, 95% CI [lo, hi] (threshold >= t, A/A floor f, n seeds; ~m needed)``, the
     one printed form of a judged claim (:meth:`Evidence.line`, :meth:`effnb.report.Claim.verdict`). An
     inconclusive claim ends with the seeds needed, or "within the A/A floor" when the effect itself is no larger
     than what the seed alone moves (more seeds would not clear it), or "on the threshold"."""
     f = f"{{:.{digits}f}}"
-    tail = f"threshold {sign} {threshold:g}" + ("" if floor is None else f", A/A floor {f.format(floor)}") + f", {n} seeds"
+    tail = f"threshold {sign} {threshold:g}" + ("" if floor is None else f", A/A floor {f.format(floor)}") + f", {n} {unit}"
     if verdict == "inconclusive":
         if floor is not None and abs(effect - null) <= floor and (effect - threshold) * (1 if sign == ">=" else -1) > 0:
             tail += "; within the A/A floor"
@@ -167,7 +170,8 @@ class Evidence:
     def line(self, digits: int = 3) -> str:
         """``[verdict] statement: effect, 95% CI [lo, hi] (threshold >= t, n seeds; ~m needed)``."""
         return verdict_line(self.outcome, self.spec.statement, self.effect, self.lo, self.hi, self.spec.sign,
-                            self.spec.threshold, self.floor, len(self.spec.seeds), self.needed, digits, self.spec.null)
+                            self.spec.threshold, self.floor, len(self.spec.seeds), self.needed, digits, self.spec.null,
+                            self.spec.unit)
 
 
 def judge(spec: ClaimSpec, method: Sequence[float], baseline: Sequence[float] | None = None,

@@ -60,6 +60,7 @@ class Claim:
     direction: str = "higher"
     seeds: int | None = None
     needed: int | None = None
+    unit: str = "seeds"
 
     @property
     def status(self) -> str:
@@ -79,7 +80,7 @@ class Claim:
             return f"[{'reproduced' if self.reproduced else 'NOT reproduced'}] {self.claim}"
         return verdict_line(self.outcome, self.claim, self.value, self.lo, self.hi,
                             ">=" if self.direction == "higher" else "<=", self.threshold, self.floor, self.seeds,
-                            self.needed, null=self.null)
+                            self.needed, null=self.null, unit=self.unit)
 
 
 def record_claim(chapter: str, claim: str, paper: str, ours: str, reproduced: bool, note: str = "",
@@ -129,7 +130,7 @@ def record_evidence(chapter: str, evidence: Evidence, paper: str, ours: str = ""
     return _write(Claim(chapter, spec.statement, str(paper), str(ours), evidence.outcome == "reproduced", note,
                         "claim", float(evidence.effect), float(spec.threshold), evidence.outcome, float(evidence.lo),
                         float(evidence.hi), None if evidence.floor is None else float(evidence.floor),
-                        float(spec.null), spec.direction, len(spec.seeds), evidence.needed))
+                        float(spec.null), spec.direction, len(spec.seeds), evidence.needed, spec.unit))
 
 
 def check_threshold(chapter: str, check: str, value: float, threshold: float, at_least: bool = True,

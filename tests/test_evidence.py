@@ -67,6 +67,9 @@ def test_a_ratio_claim_measures_its_floor_from_its_null():
     swallowed = E.judge(ratio, np.linspace(1.02, 1.03, 8), aa=aa)
     assert swallowed.lo > 1.0 and 0 < swallowed.floor < 0.06 and swallowed.outcome == "inconclusive"
     assert "A/A floor" not in E.ClaimSpec("x", "m", "higher", 0.8, SEEDS, "fixed", None).declaration()
+    rounds = E.ClaimSpec("x", "speed-up", "higher", 1.0, SEEDS, "paired", None, unit="rounds")
+    assert "paired by round) >= 1, 8 rounds [0," in rounds.declaration()
+    assert "8 rounds; on the threshold)" in E.judge(rounds, np.full(8, 2.0), np.ones(8)).line()
 
 
 def test_the_declaration_is_printed_before_the_run():
