@@ -81,8 +81,9 @@ class ClaimSpec:
         """One line to print when the claim is declared, before any arm runs."""
         what = f"method - baseline, paired by {self.unit.removesuffix('s')}" if self.comparison == "paired" else "the method's value"
         floor = f", beyond the A/A floor ({self.noise_floor})" if self.noise_floor else ""
+        seeds = list(self.seeds) if len(self.seeds) <= 20 else f"[{self.seeds[0]}, {self.seeds[1]}, ..., {self.seeds[-1]}]"
         return (f"[declared] {self.statement}: {self.metric} ({what}) {self.sign} {self.threshold:g}, "
-                f"{len(self.seeds)} {self.unit} {list(self.seeds)}{floor}")
+                f"{len(self.seeds)} {self.unit} {seeds}{floor}")
 
 
 def interval(values: Sequence[float], confidence: float = CONFIDENCE, seed: int = 0) -> tuple[float, float, float]:

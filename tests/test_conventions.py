@@ -223,6 +223,28 @@ def _record_calls(nb):
     return [c for source in sources(nb, "code") for c in _record_calls_in(source, ("record_claim", "record_evidence"))]
 
 
+def test_every_claim_is_declared_judged_and_printed_with_its_interval(nb):
+    """Issue 31 / DESIGN's three verdicts: a chapter declares each claim (a ClaimSpec whose declaration it prints
+    before the arms run), records claims only through record_evidence (record_claim is for checks), and every
+    claim line in its stored outputs shows the 95% interval."""
+    code = "\n".join(sources(nb, "code"))
+    assert "ClaimSpec(" in code and ".declaration()" in code, "no claim is declared: build a ClaimSpec and print its declaration()"
+    for call in _record_calls(nb):
+        if getattr(call.func, "attr", getattr(call.func, "id", None)) == "record_claim":
+            kind = next((k.value for k in call.keywords if k.arg == "kind"), None)
+            assert getattr(kind, "value", None) == "check", \
+                "record_claim records a claim without an interval; judge it and record it with record_evidence"
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+                   if o.get("output_type") == "stream")
+    lines = [line for line in text.splitlines() if VERDICT_OF_A_CLAIM.match(line)]
+    assert lines, "the stored outputs print no claim verdict"
+    bare = [line for line in lines if "95% CI [" not in line]
+    assert not bare, f"claim lines without their 95% interval: {bare}"
+    for line in lines:
+        statement = re.match(r"^\[[^]]+\] (.*): -?[\d.]+, 95% CI \[", line).group(1)
+        assert f"[declared] {statement}: " in text, f"no declaration printed for the claim {statement!r}"
+
+
 def test_every_chapter_records_a_measured_claim(nb):
     """DESIGN's evidence standard: at least one record is a measured claim, not a check."""
     def kind(call):

@@ -70,6 +70,8 @@ def test_a_ratio_claim_measures_its_floor_from_its_null():
     rounds = E.ClaimSpec("x", "speed-up", "higher", 1.0, SEEDS, "paired", None, unit="rounds")
     assert "paired by round) >= 1, 8 rounds [0," in rounds.declaration()
     assert "8 rounds; on the threshold)" in E.judge(rounds, np.full(8, 2.0), np.ones(8)).line()
+    images = E.ClaimSpec("x", "share kept", "lower", 0.125, tuple(range(300)), "fixed", None, unit="test images")
+    assert "300 test images [0, 1, ..., 299]" in images.declaration()
 
 
 def test_the_declaration_is_printed_before_the_run():

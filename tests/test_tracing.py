@@ -1,6 +1,7 @@
 """Chapter 10's pieces: the neuron-volume generator and readers (effnb.data) and the filter and metrics (effnb.tracing)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -201,7 +202,9 @@ def test_chapter_traces_a_tiff_stack_from_its_swc_files(tmp_path, monkeypatch):
                                      parameters={"VOLUME_TIFF": str(tmp_path / "stack.tif"), "SWC_FILES": swc})
     printed = "".join(o.get("text", "") for c in out.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "volume 0: (32, 64, 64, 3), neurons of" in printed, "the stack was read in (Z, Y, X, C) order"
-    assert printed.count("reproduced] the full tracer") == 2, "the experiment and the claim check ran on it"
+    claims = [line for line in printed.splitlines() if re.match(r"\[(reproduced|not reproduced|inconclusive)\] the full "
+                                                                 r"tracer .*, 95% CI \[", line)]
+    assert len(claims) == 4, "the experiment and the claim check ran on it, each claim (VSA, BRR) judged with its interval"
 
 
 @pytest.mark.parametrize("parameters, message", [
