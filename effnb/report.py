@@ -257,9 +257,10 @@ def forest_plot(claims: list[Claim]):
         ax.plot([c.value], [0], "o", color=colors[c.outcome], ms=6)
         ax.set_yticks([]), ax.grid(False), ax.tick_params(axis="x", labelsize=7, length=2, pad=1)
         ax.spines[["left", "top", "right"]].set_visible(False)
-        label = f"{c.chapter[:2]} · {c.claim if len(c.claim) <= 78 else c.claim[:77] + '…'}"
-        ax.text(-0.02, 0.5, label, transform=ax.transAxes, ha="right", va="center", fontsize=8,
-                fontweight="bold" if previous is None or previous.chapter != c.chapter else "normal")
+        claim = c.claim if len(c.claim) <= 84 else c.claim[:52] + " … " + c.claim[-29:]   # keep the distinguishing end
+        ax.text(-0.02, 0.5, f"{c.chapter[:2]} · {claim}", transform=ax.transAxes, ha="right", va="center", fontsize=8)
+        if previous is not None and previous.chapter != c.chapter:       # a rule between chapters
+            ax.plot([-1.27, 1.0], [1.75, 1.75], transform=ax.transAxes, clip_on=False, color="#888888", lw=0.6)
     axes[0, 0].set_title("effect and 95% CI (colour: green reproduced, orange not reproduced, grey inconclusive); "
                          "dashed: threshold; grey band: A/A", fontsize=8, loc="right")
     return fig
