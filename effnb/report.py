@@ -242,10 +242,10 @@ def forest_plot(claims: list[Claim]):
         return None
     use_style()
     colors = {"reproduced": "#009e73", "not reproduced": "#d55e00", "inconclusive": "#7f7f7f"}
-    fig = Figure(figsize=(11, 0.42 * len(rows) + 0.8))      # no pyplot: nothing global to close
+    fig = Figure(figsize=(7.5, 0.62 * len(rows) + 0.9))     # the page's width: no pyplot, nothing global to close
     axes = fig.subplots(len(rows), 1, squeeze=False)
-    fig.subplots_adjust(left=0.56, right=0.98, top=1 - 0.45 / fig.get_figheight(), bottom=0.35 / fig.get_figheight(),
-                        hspace=1.1)
+    fig.subplots_adjust(left=0.02, right=0.98, top=1 - 0.7 / fig.get_figheight(), bottom=0.3 / fig.get_figheight(),
+                        hspace=2.0)
     for ax, c, previous in zip(axes[:, 0], rows, [None, *rows[:-1]]):
         ends = [c.lo, c.hi, c.threshold] + ([] if c.floor is None else [c.null - c.floor, c.null + c.floor])
         pad = 0.08 * ((max(ends) - min(ends)) or 1.0)
@@ -255,14 +255,14 @@ def forest_plot(claims: list[Claim]):
         ax.axvline(c.threshold, color="#000000", ls="--", lw=1)
         ax.plot([c.lo, c.hi], [0, 0], color=colors[c.outcome], lw=3, solid_capstyle="butt")
         ax.plot([c.value], [0], "o", color=colors[c.outcome], ms=6)
-        ax.set_yticks([]), ax.grid(False), ax.tick_params(axis="x", labelsize=7, length=2, pad=1)
+        ax.set_yticks([]), ax.grid(False), ax.tick_params(axis="x", labelsize=7.5, length=2, pad=1)
         ax.spines[["left", "top", "right"]].set_visible(False)
-        claim = c.claim if len(c.claim) <= 84 else c.claim[:52] + " … " + c.claim[-29:]   # keep the distinguishing end
-        ax.text(-0.02, 0.5, f"{c.chapter[:2]} · {claim}", transform=ax.transAxes, ha="right", va="center", fontsize=8)
+        claim = c.claim if len(c.claim) <= 96 else c.claim[:60] + " … " + c.claim[-33:]   # keep the distinguishing end
+        ax.set_title(f"{c.chapter[:2]} · {claim}", loc="left", fontsize=8.5, pad=3)   # the claim above its own axis
         if previous is not None and previous.chapter != c.chapter:       # a rule between chapters
-            ax.plot([-1.27, 1.0], [1.75, 1.75], transform=ax.transAxes, clip_on=False, color="#888888", lw=0.6)
-    axes[0, 0].set_title("effect and 95% CI (colour: green reproduced, orange not reproduced, grey inconclusive); "
-                         "dashed: threshold; grey band: A/A", fontsize=8, loc="right")
+            ax.plot([0.0, 1.0], [2.45, 2.45], transform=ax.transAxes, clip_on=False, color="#888888", lw=0.6)
+    fig.suptitle("effect and 95% CI (green reproduced, orange not reproduced, grey inconclusive); dashed: threshold; "
+                 "grey band: A/A", fontsize=8, x=0.02, ha="left", y=1 - 0.15 / fig.get_figheight())
     return fig
 
 
