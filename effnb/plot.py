@@ -29,6 +29,9 @@ COLORS: dict[str, str] = {
     "compute": "#d55e00",
     "measured": "#cc79a7",
     "predicted": "#009e73",
+    "reproduced": "#009e73",
+    "not reproduced": "#d55e00",
+    "inconclusive": "#7f7f7f",
 }
 
 _STYLE = {

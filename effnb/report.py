@@ -235,13 +235,12 @@ def forest_plot(claims: list[Claim]):
     colour is the verdict. Returns the matplotlib figure, or ``None`` when no claim carries an interval."""
     from matplotlib.figure import Figure
 
-    from effnb.plot import use_style
+    from effnb.plot import color, use_style
 
     rows = [c for c in claims if c.kind == "claim" and c.outcome is not None]
     if not rows:
         return None
     use_style()
-    colors = {"reproduced": "#009e73", "not reproduced": "#d55e00", "inconclusive": "#7f7f7f"}
     fig = Figure(figsize=(7.5, 0.62 * len(rows) + 0.9))     # the page's width: no pyplot, nothing global to close
     axes = fig.subplots(len(rows), 1, squeeze=False)
     fig.subplots_adjust(left=0.02, right=0.98, top=1 - 0.7 / fig.get_figheight(), bottom=0.3 / fig.get_figheight(),
@@ -253,8 +252,8 @@ def forest_plot(claims: list[Claim]):
         if c.floor is not None:
             ax.axvspan(c.null - c.floor, c.null + c.floor, color="#bbbbbb", alpha=0.5, lw=0)
         ax.axvline(c.threshold, color="#000000", ls="--", lw=1)
-        ax.plot([c.lo, c.hi], [0, 0], color=colors[c.outcome], lw=3, solid_capstyle="butt")
-        ax.plot([c.value], [0], "o", color=colors[c.outcome], ms=6)
+        ax.plot([c.lo, c.hi], [0, 0], color=color(c.outcome), lw=3, solid_capstyle="butt")
+        ax.plot([c.value], [0], "o", color=color(c.outcome), ms=6)
         ax.set_yticks([]), ax.grid(False), ax.tick_params(axis="x", labelsize=7.5, length=2, pad=1)
         ax.spines[["left", "top", "right"]].set_visible(False)
         claim = c.claim if len(c.claim) <= 96 else c.claim[:60] + " … " + c.claim[-33:]   # keep the distinguishing end
