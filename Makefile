@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: book test lab pdf outputs benchmark seeds assignments grade full-edition gpu-smoke browser env clean
+.PHONY: book test lab pdf outputs benchmark seeds experiments assignments grade full-edition gpu-smoke browser env clean
 
 env: $(STAMP)
 
@@ -51,6 +51,12 @@ SEEDS ?= 0 10 11 20
 NOTEBOOKS ?=
 seeds: $(STAMP)  ## every chapter (ci profile) at SEEDS (default "0 10 11 20", the stored sweep; NOTEBOOKS= picks chapters): completion and verdicts into data/results/seed-sweep.json (resumable)
 	$(BIN)/python scripts/seed_sweep.py $(NOTEBOOKS) --seeds $(SEEDS)
+
+CHAPTER ?=
+DEVICE ?= cpu
+experiments: $(STAMP)  ## one chapter's stored scale sweep (CHAPTER=02, 05 or 09; DEVICE=cuda extends it on a GPU): data/results/<chapter>.json, <= 60 min on 2 cores, resumable
+	@test -n "$(CHAPTER)" || { echo "usage: make experiments CHAPTER=NN, e.g. make experiments CHAPTER=02"; exit 2; }
+	$(BIN)/python scripts/experiments.py --chapter $(CHAPTER) --device $(DEVICE)
 
 FORMAT ?= native
 assignments: $(STAMP)  ## student notebooks and autograders of every chapter into _build/assignments (FORMAT=otter: otter-grader's format)

@@ -10,7 +10,8 @@ pipeline small enough to train on a CPU:
   names the object under it), so that, as in CLIP, the patch tokens stay local and the CLS token
   attends to the informative ones;
 - :func:`encode` returns what PruMerge reads: the penultimate layer's patch tokens, and the last
-  layer's keys and CLS query (taken with forward hooks, as the official code does);
+  layer's keys (the patches' and the CLS token's own) and CLS query (taken with forward hooks, as the
+  official code does);
 - :class:`Consumer` is the language model's stand-in: question tokens followed by projected visual
   tokens, a small transformer, an answer read at the first position; :func:`fit_consumer` and
   :func:`answer_accuracy` train and score it on full or reduced token sets.
@@ -141,20 +142,22 @@ class Encoded:
 
     ``features`` ``(N, P, D)``: the penultimate layer's patch tokens (LLaVA's ``select_layer=-2``, CLS
     dropped); ``keys`` ``(N, P, D)``: the last layer's keys of the patch tokens; ``cls_query`` ``(N, D)``:
-    the last layer's query of the CLS token (keys and queries over the full width, one head, as in the
-    official PruMerge code).
+    the last layer's query of the CLS token; ``cls_key`` ``(N, D)``: the last layer's key of the CLS token
+    itself, which the official code's softmax includes (keys and queries over the full width, one head, as
+    in the official PruMerge code).
     """
 
     features: torch.Tensor
     keys: torch.Tensor
     cls_query: torch.Tensor
+    cls_key: torch.Tensor
 
     def __len__(self) -> int:
         return self.features.shape[0]
 
     def subset(self, index) -> Encoded:
         """The rows ``index`` of every tensor."""
-        return Encoded(self.features[index], self.keys[index], self.cls_query[index])
+        return Encoded(self.features[index], self.keys[index], self.cls_query[index], self.cls_key[index])
 
 
 @torch.no_grad()
@@ -162,8 +165,8 @@ def encode(tower, images: torch.Tensor, batch_size: int = 512) -> Encoded:
     """Run ``tower`` on ``images`` ``(N, 3, S, S)`` and return :class:`Encoded` (float32, on the CPU,
     whatever the tower's dtype and device).
 
-    The keys and the CLS query are caught by forward hooks on the last layer's ``k_proj`` and
-    ``q_proj``; the hooks are removed before returning."""
+    The keys (the patches' and CLS's) and the CLS query are caught by forward hooks on the last layer's
+    ``k_proj`` and ``q_proj``; the hooks are removed before returning."""
     attention = tower.vision_model.encoder.layers[-1].self_attn if hasattr(tower, "vision_model") \
         else tower.encoder.layers[-1].self_attn
     caught = {}
@@ -176,7 +179,7 @@ def encode(tower, images: torch.Tensor, batch_size: int = 512) -> Encoded:
         for start in range(0, len(images), batch_size):
             out = tower(pixel_values=images[start:start + batch_size].to(device), output_hidden_states=True)
             parts.append(tuple(t.float().cpu() for t in (out.hidden_states[-2][:, 1:], caught["k"][:, 1:],
-                                                          caught["q"][:, 0])))
+                                                          caught["q"][:, 0], caught["k"][:, 0])))
     finally:
         for hook in hooks:
             hook.remove()

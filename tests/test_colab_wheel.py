@@ -62,6 +62,8 @@ def test_wheel_carries_the_package_and_the_reference_checkpoints(fresh_venv):
     names = set(zipfile.ZipFile(wheel).namelist())
     listed = [line.split()[1] for line in (ROOT / "data" / "checkpoints" / "SHA256SUMS").read_text().splitlines()]
     assert {f"effnb/checkpoints/{n}" for n in [*listed, "SHA256SUMS"]} <= names
+    sweeps = sorted(p.name for p in (ROOT / "data" / "results").glob("[0-9][0-9]_*.json"))
+    assert sweeps and {f"effnb/results/{n}" for n in sweeps} <= names, "the stored sweeps the chapters read"
     assert not [n for n in names if not n.startswith(("effnb/", "effnb-"))], "only the package and its metadata"
     folder, loaded = run([str(fresh_venv / "bin" / "python"), "-c", LOAD_ALL], fresh_venv.parent, clean_env()).split()
     assert folder.endswith("site-packages/effnb/checkpoints") and int(loaded) == len(listed)

@@ -98,8 +98,17 @@ def test_encode_returns_the_penultimate_tokens_and_the_last_layers_keys_and_cls_
     assert torch.allclose(encoded.features, out.hidden_states[-2][:, 1:])
     assert torch.allclose(encoded.keys, last.self_attn.k_proj(normed)[:, 1:], atol=1e-6)
     assert torch.allclose(encoded.cls_query, last.self_attn.q_proj(normed)[:, 0], atol=1e-6)
-    assert encoded.features.shape == (4, 64, 32) and len(encoded.subset(slice(0, 2))) == 2
+    assert torch.allclose(encoded.cls_key, last.self_attn.k_proj(normed)[:, 0], atol=1e-6)
+    assert encoded.features.shape == (4, 64, 32) and encoded.cls_key.shape == (4, 32)
+    assert len(encoded.subset(slice(0, 2))) == 2
     assert not last.self_attn.k_proj._forward_hooks, "the hooks are removed"
+
+
+def test_subset_keeps_every_field_row_aligned(tower, scenes):
+    encoded = K.encode(tower, scenes.images[:5])
+    part = encoded.subset(torch.tensor([3, 1]))
+    for name in ("features", "keys", "cls_query", "cls_key"):
+        assert torch.equal(getattr(part, name), getattr(encoded, name)[[3, 1]]), name
 
 
 def test_vision_tower_refuses_a_patch_that_does_not_divide_the_image():
