@@ -1,4 +1,4 @@
-"""Profiles, devices and seeds: the first thing every chapter calls.
+"""Profiles, devices and seeds: the first thing every chapter calls (and where the package's data lives).
 
 A chapter's papermill ``parameters`` cell sets ``PROFILE``, ``SEED`` and ``DEVICE``;
 :func:`setup` validates them once and returns a :class:`Run` the rest of the notebook reads.
@@ -14,6 +14,7 @@ import random
 import socket
 import urllib.parse
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -27,6 +28,7 @@ __all__ = [
     "check_choice",
     "check_count",
     "choose_device",
+    "data_dir",
     "is_loopback",
     "progress_bar",
     "progress_enabled",
@@ -40,6 +42,15 @@ __all__ = [
 Profile = Literal["ci", "full"]
 PROFILES: tuple[str, ...] = ("ci", "full")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")
+
+
+def data_dir(name: str) -> Path:
+    """``data/<name>`` of the repository when effnb runs from a clone; otherwise the copy the wheel carries as
+    package data, ``effnb/<name>`` (pyproject.toml), e.g. on Colab: the reference checkpoints
+    (``effnb.train.CHECKPOINT_DIR``) and the stored sweeps (``effnb.experiments.RESULTS_DIR``)."""
+    package = Path(__file__).resolve().parent
+    repository = package.parent / "data" / name
+    return repository if repository.is_dir() else package / name
 
 
 def check_choice(name: str, value: object, choices: "tuple | list | dict") -> None:

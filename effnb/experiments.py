@@ -28,22 +28,14 @@ from typing import Callable, Sequence
 import numpy as np
 
 from effnb.evidence import ClaimSpec, Evidence, judge
+from effnb.config import data_dir
 from effnb.plot import color
 
 __all__ = ["RESULTS_DIR", "MIN_POINTS", "MIN_SEEDS", "Point", "Sweep", "validate", "load", "point_specs", "judge_sweep",
-           "plot_sweep", "agrees"]
+           "plot_sweep", "sweep_axis", "agrees"]
 
 
-
-def _results_dir() -> Path:
-    """``data/results`` of the repository when effnb runs from a clone; otherwise the copy of the stored sweeps
-    the wheel carries as package data, ``effnb/results`` (pyproject.toml), e.g. on Colab."""
-    package = Path(__file__).resolve().parent
-    repository = package.parent / "data" / "results"
-    return repository if repository.is_dir() else package / "results"
-
-
-RESULTS_DIR = _results_dir()
+RESULTS_DIR = data_dir("results")       # the stored sweeps: data/results in a clone, effnb/results from the wheel
 MIN_POINTS, MIN_SEEDS = 3, 5
 PROVENANCE = ("commit", "code", "cpu", "torch", "date", "wall_s", "device")
 
@@ -169,12 +161,19 @@ def plot_sweep(ax, sweep: Sweep, evidence: list[Evidence], live: Evidence | None
     if live is not None:
         ax.errorbar([float(live_x)], [live.effect], yerr=[[live.effect - live.lo], [live.hi - live.effect]],
                     fmt="s", mfc="white", capsize=3, color="black", label="this run (live)", zorder=3)
+    sweep_axis(ax, sweep, log_x)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+
+
+def sweep_axis(ax, sweep: Sweep, log_x: bool = True) -> None:
+    """Label ``ax``'s x axis with the sweep's axis and put a tick at each stored point (log scale by default)."""
+    xs = np.asarray(sweep.xs, dtype=float)
     if log_x:
         ax.set_xscale("log")
-        ax.set_xticks(xs, [f"{x:g}" for x in xs])
         ax.minorticks_off()
-    ax.set(xlabel=sweep.axis_label, ylabel=ylabel)
-    ax.legend(fontsize=8)
+    ax.set_xticks(xs, [f"{x:g}" for x in xs])
+    ax.set_xlabel(sweep.axis_label)
 
 
 def agrees(stored: Evidence, live_effect: float) -> tuple[bool, float, float]:

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from effnb.config import check_count, progress_bar
+from effnb.config import check_count, data_dir, progress_bar
 from effnb.data import DenseScenes, atomic_path, check_sha256, read_sha256sums, sha256_of, write_sha256sums
 
 __all__ = ["Accuracy", "CHECKPOINT_DIR", "DENSE_METRICS", "DenseMetrics", "History", "LOADED_LISTED", "checkpoint_fix", "delta_m",
@@ -23,15 +23,7 @@ __all__ = ["Accuracy", "CHECKPOINT_DIR", "DENSE_METRICS", "DenseMetrics", "Histo
 MANIFEST = "SHA256SUMS"  # the sha256 list beside the repository's checkpoints (``sha256sum -c`` format)
 
 
-def _checkpoint_dir() -> Path:
-    """``data/checkpoints`` of the repository when effnb runs from a clone; otherwise the copy the wheel
-    carries as package data, ``effnb/checkpoints`` (pyproject.toml), e.g. on Colab."""
-    package = Path(__file__).resolve().parent
-    repository = package.parent / "data" / "checkpoints"
-    return repository if repository.is_dir() else package / "checkpoints"
-
-
-CHECKPOINT_DIR = _checkpoint_dir()  # the book's reference checkpoints and their SHA256SUMS
+CHECKPOINT_DIR = data_dir("checkpoints")  # the book's reference checkpoints and their SHA256SUMS
 # Every SHA256SUMS-listed checkpoint this process has read after checking it, in order: how a test tells a
 # chapter that loaded its reference model from one that trained its own (make test runs the chapters that
 # load one from the wheel and checks this list at the end).
