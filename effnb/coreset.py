@@ -6,12 +6,14 @@ notebook decides what the samples and the embeddings are. Introduced in Chapter 
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["allocate_budget", "bin_order", "class_quotas", "gradient_embeddings", "graphcut_order",
-           "graphcut_value", "quantization_bins", "similarity"]
+           "graphcut_value", "dq_bin_sizes", "quantization_bins", "similarity"]
 
 
 def _check_square(sim: torch.Tensor) -> None:
@@ -66,26 +68,71 @@ def graphcut_order(sim: torch.Tensor, k: int, lam: float = 1.0) -> torch.Tensor:
     return order
 
 
-def quantization_bins(sim: torch.Tensor, num_bins: int = 10, lam: float = 1.0) -> list[torch.Tensor]:
-    """Dataset Quantization's bins: split the ``n`` samples into ``num_bins`` near-equal bins, each the
-    GraphCut selection (:func:`graphcut_order`) from what the earlier bins left.
+def dq_bin_sizes(class_sizes: list[int] | torch.Tensor, num_bins: int = 10) -> torch.Tensor:
+    """How many samples of each class each of Dataset Quantization's bins holds, as DQ's code decides it.
 
-    Bin ``b`` is chosen with the remaining samples as its ground set ``V``. Returns a list of
-    ``num_bins`` index tensors into ``sim``'s rows that together hold every sample once; sizes differ
-    by at most one, the larger bins first.
+    DQ's ``quantize_sample.py`` sets one bin's size to ``round(N / num_bins)`` of the ``N`` samples;
+    bin ``b`` then takes the fraction ``f_b`` = that size / the samples still left, and from each class
+    ``round(f_b · left_c)`` of the ``left_c`` it has left (Python's rounding, halves to even); the last
+    bin is everything left. So bins are proportional to the classes, and where the rounding overshoots,
+    the last bin is smaller than the others. Returns a ``(num_bins, C)`` long tensor whose columns sum to the
+    class sizes. Raises ``ValueError`` where a bin would get no sample of some class (too many bins).
     """
-    _check_square(sim)
-    n = sim.shape[0]
-    if isinstance(num_bins, bool) or not isinstance(num_bins, int) or not 1 <= num_bins <= n:
-        raise ValueError(f"num_bins={num_bins!r} must be an int between 1 and the {n} samples to split.")
-    sizes = [n // num_bins + (1 if b < n % num_bins else 0) for b in range(num_bins)]
-    remaining = torch.arange(n, device=sim.device)
-    bins = []
-    for size in sizes:
-        picked = graphcut_order(sim[remaining][:, remaining], size, lam)
-        bins.append(remaining[picked])
-        keep = torch.ones(len(remaining), dtype=torch.bool, device=sim.device)
-        keep[picked] = False
+    sizes = [int(n) for n in torch.as_tensor(class_sizes).tolist()]
+    if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
+        raise ValueError(f"num_bins={num_bins!r} must be a whole number >= 1, e.g. num_bins = 10.")
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"class_sizes={sizes} must hold at least one sample per class.")
+    bin_size = round(sum(sizes) * (1 / num_bins))
+    left, table = list(sizes), []
+    for _ in range(num_bins - 1):
+        fraction = bin_size / sum(left)
+        take = [round(fraction * n) for n in left]
+        table.append(take)
+        left = [n - t for n, t in zip(left, take)]
+    table.append(left)
+    table = torch.tensor(table, dtype=torch.long)
+    if (table < 1).any():
+        raise ValueError(f"{num_bins} bins leave some bin without a sample of a class of {min(sizes)}; "
+                         "use fewer bins (num_bins <= the smallest class size).")
+    return table
+
+
+def quantization_bins(embed: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor, sizes: torch.Tensor,
+                      lam: float = 1.0) -> list[list[torch.Tensor]]:
+    """Dataset Quantization's bins, built as its code builds them: one GraphCut selection per bin and
+    class, each from what the earlier bins left, in an embedding recomputed for every bin.
+
+    For bin ``b``, ``embed(remaining)`` returns one row per remaining sample (``remaining`` holds their
+    indices into ``labels``; DQ trains a fresh selection network on exactly those samples and returns
+    their gradient embeddings); then class ``c`` gives the ``sizes[b, c]`` samples that
+    :func:`graphcut_order` picks first among its remaining ones, with its remaining samples as the
+    ground set. The last bin takes what is left without a selection (``embed`` is called
+    ``num_bins - 1`` times). ``sizes`` is ``(num_bins, C)``, e.g. from :func:`dq_bin_sizes`.
+    Returns ``bins[c][b]``: the indices of class ``c``'s samples in bin ``b``, in pick order.
+    """
+    labels = torch.as_tensor(labels).cpu()
+    sizes = torch.as_tensor(sizes, dtype=torch.long)
+    counts = torch.bincount(labels, minlength=sizes.shape[-1] if sizes.ndim == 2 else 0)
+    if sizes.ndim != 2 or sizes.shape[1] != len(counts) or not torch.equal(sizes.sum(0), counts):
+        raise ValueError(f"sizes must be (num_bins, C) with each class's column summing to its {counts.tolist()} "
+                         "samples; build it with dq_bin_sizes(class sizes, num_bins).")
+    remaining = torch.arange(len(labels))
+    bins: list[list[torch.Tensor]] = [[] for _ in range(len(counts))]
+    for b in range(sizes.shape[0]):
+        if b == sizes.shape[0] - 1:
+            for c in range(len(counts)):
+                bins[c].append(remaining[labels[remaining] == c])
+            break
+        rows = embed(remaining)
+        if rows.shape[0] != len(remaining):
+            raise ValueError(f"embed returned {rows.shape[0]} rows for {len(remaining)} remaining samples.")
+        keep = torch.ones(len(remaining), dtype=torch.bool)
+        for c in range(len(counts)):
+            where = (labels[remaining] == c).nonzero().flatten()
+            picked = where[graphcut_order(similarity(rows[where].cpu()), int(sizes[b, c]), lam).cpu()]
+            bins[c].append(remaining[picked])
+            keep[picked] = False
         remaining = remaining[keep]
     return bins
 
@@ -98,7 +145,7 @@ def bin_order(bins: list[torch.Tensor], generator: torch.Generator) -> torch.Ten
     allows (counts differ by at most one), and a larger budget keeps the smaller budget's samples.
     """
     if not bins:
-        raise ValueError("bins is empty: pass the list that quantization_bins returns.")
+        raise ValueError("bins is empty: pass one class's list of bins, e.g. quantization_bins(...)[c].")
     shuffled = [b[torch.randperm(len(b), generator=generator).to(b.device)] for b in bins]
     visit = torch.randperm(len(bins), generator=generator).tolist()
     longest = max(len(b) for b in bins)
@@ -128,25 +175,42 @@ def class_quotas(total: int, class_sizes: list[int] | torch.Tensor, generator: t
     return quota
 
 
-def gradient_embeddings(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+def gradient_embeddings(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024,
+                        loss_on: str = "probabilities") -> torch.Tensor:
     r"""Last-layer gradient embedding of every sample: :math:`[\,g \,;\, g \otimes h\,]`, with
-    :math:`g = \partial L/\partial z = \mathrm{softmax}(z) - \mathrm{onehot}(y)` and ``h`` the penultimate features.
+    :math:`g = \partial L/\partial z` at the logits ``z`` and ``h`` the penultimate features.
 
-    ``g ⊗ h`` is the gradient of the cross-entropy with respect to the head's weight matrix, ``g``
-    with respect to its bias. ``model`` needs ``features(x)`` and a linear ``head``, like
+    ``g ⊗ h`` is the gradient of the loss with respect to the head's weight matrix, ``g`` with respect
+    to its bias. Which loss:
+
+    - ``loss_on="probabilities"`` (DQ's code, through DeepCore): the cross-entropy applied to the
+      softmax *outputs* :math:`p = \mathrm{softmax}(z)`, so the loss takes a second softmax, and
+      :math:`g = (\mathrm{diag}(p) - p p^\top)(\mathrm{softmax}(p) - \mathrm{onehot}(y))`;
+    - ``loss_on="logits"`` (BADGE): the usual cross-entropy of the logits,
+      :math:`g = \mathrm{softmax}(z) - \mathrm{onehot}(y)`.
+
+    DeepCore averages the loss over its batch, so its rows carry a factor 1/B more; cosine similarity, all
+    that GraphCut reads, does not see it. ``model`` needs ``features(x)`` and a linear ``head``, like
     :class:`effnb.models.SmallCNN` and :class:`effnb.models.MLP`. Returns ``(N, C + C·D)`` on the CPU.
     """
     if not hasattr(model, "features") or not isinstance(getattr(model, "head", None), nn.Linear):
         raise TypeError(f"{type(model).__name__} needs a features(x) method and a linear head, like "
                         "effnb.models.SmallCNN or effnb.models.MLP.")
+    if loss_on not in ("probabilities", "logits"):
+        raise ValueError(f"loss_on={loss_on!r} must be 'probabilities' (DQ's code) or 'logits' (BADGE).")
     device = next(model.parameters()).device
     model.eval()
     rows = []
     with torch.no_grad():
         for i in range(0, len(x), batch_size):
             h = model.features(x[i : i + batch_size].to(device))
-            z = model.head(h)
-            g = z.softmax(1) - F.one_hot(y[i : i + batch_size].to(device), z.shape[1]).float()
+            p = model.head(h).softmax(1)
+            onehot = F.one_hot(y[i : i + batch_size].to(device), p.shape[1]).float()
+            if loss_on == "logits":
+                g = p - onehot
+            else:
+                v = p.softmax(1) - onehot                                   # dL/dp for L = CE(softmax(p))
+                g = p * v - p * (p * v).sum(1, keepdim=True)                # (diag(p) - p p^T) v
             rows.append(torch.cat([g, (g[:, :, None] * h[:, None, :]).flatten(1)], 1).cpu())
     return torch.cat(rows)
 

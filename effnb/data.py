@@ -894,6 +894,9 @@ def _swc_table(main: np.ndarray, branches: list[tuple[int, np.ndarray]], radii: 
     return np.array(rows, dtype=np.float64)
 
 
+_COLOUR_TRIES = 10_000   # draws for a neuron colour at least 0.5 from the others before taking the farthest
+
+
 def make_neuron_volume(shape: tuple[int, int, int] = (48, 96, 96), n_neurons: int = 6, seed: int = 0, *,
                        radius: tuple[float, float] = (1.6, 2.4), branch_fraction: float = 0.5,
                        cross_fraction: float = 0.5, turn_fraction: float = 0.5, colour_drift: float = 0.01,
@@ -902,7 +905,8 @@ def make_neuron_volume(shape: tuple[int, int, int] = (48, 96, 96), n_neurons: in
 
     Each neuron is a smooth curve from one face of the volume to another, some bending into another axis
     (``turn_fraction``), some with a branch (``branch_fraction``), some passing through an earlier neuron
-    (``cross_fraction``: a crossing). Each has its own saturated colour, which drifts along it by a random
+    (``cross_fraction``: a crossing). Each has its own saturated colour (at least 0.5 from the others' in RGB
+    where 10,000 draws find one; in a crowded volume, the farthest draw), which drifts along it by a random
     walk of ``colour_drift`` per voxel; the volume is blurred (``blur``, voxels) and gets Gaussian
     ``noise``. The tracer's start box sits at each neuron's root, in the plane across its first direction.
     Introduced in Chapter 10.
@@ -919,11 +923,17 @@ def make_neuron_volume(shape: tuple[int, int, int] = (48, 96, 96), n_neurons: in
     image = np.zeros((*shape, 3), np.float32)
     neurons, starts, colours, mains = [], [], [], []
     for k in range(n_neurons):
-        while True:                                                  # a saturated colour unlike the others
+        best, farthest = None, -1.0                                  # a saturated colour unlike the others
+        for _ in range(_COLOUR_TRIES):
             colour = rng.dirichlet([0.4, 0.4, 0.4])
             colour = colour / colour.max()
-            if all(np.linalg.norm(colour - c) > 0.5 for c in colours):
+            gap = min((np.linalg.norm(colour - c) for c in colours), default=np.inf)
+            if gap > 0.5:
                 break
+            if gap > farthest:
+                best, farthest = colour, gap
+        else:                                                        # many neurons: the palette is full, so take
+            colour = best                                            # the draw farthest from the colours so far
         crossing = k > 0 and rng.random() < cross_fraction
         if crossing:                                                 # pass through a point of an earlier neuron
             other = mains[int(rng.integers(len(mains)))]

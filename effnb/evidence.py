@@ -133,7 +133,7 @@ def seeds_needed(effect: float, lo: float, hi: float, n: int, threshold: float) 
     threshold; ``None`` when the effect sits on the threshold (no number of seeds settles it)."""
     distance = abs(effect - threshold)
     half_width = (hi - lo) / 2
-    if distance == 0:
+    if distance <= 1e-12 * max(1.0, abs(threshold)):    # equal up to rounding (a mean of x - x): no seed count
         return None
     return max(n, math.ceil(n * (half_width / distance) ** 2))
 

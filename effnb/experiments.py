@@ -140,10 +140,11 @@ def judge_sweep(spec: ClaimSpec, sweep: Sweep, method: str | Callable[[Point], S
                   None if aa is None else values(aa, point)) for at, point in zip(point_specs(spec, sweep), sweep.points)]
 
 
-def plot_sweep(ax, sweep: Sweep, evidence: list[Evidence], live: Evidence | None = None, live_x=None,
+def plot_sweep(ax, sweep: Sweep, evidence: list[Evidence], live: Evidence | dict | None = None, live_x=None,
                ylabel: str = "effect", log_x: bool = True) -> None:
     """The effect against the axis: each point's effect with its 95% interval, coloured by verdict, the A/A band
-    (null ± floor) shaded, the threshold dashed, and the live run's point (open marker) where given."""
+    (null ± floor) shaded, the threshold dashed, and the live run's point (open marker) where given: ``live`` at
+    ``live_x``, or ``live={x: evidence, ...}`` for a run that measured several points."""
     xs = np.asarray(sweep.xs, dtype=float)
     spec = evidence[0].spec
     floors = [e.floor if e.floor is not None else 0.0 for e in evidence]
@@ -158,9 +159,9 @@ def plot_sweep(ax, sweep: Sweep, evidence: list[Evidence], live: Evidence | None
     for outcome in ("reproduced", "not reproduced", "inconclusive"):
         if any(e.outcome == outcome for e in evidence):
             ax.plot([], [], "o", color=color(outcome), label=f"stored: {outcome}")
-    if live is not None:
-        ax.errorbar([float(live_x)], [live.effect], yerr=[[live.effect - live.lo], [live.hi - live.effect]],
-                    fmt="s", mfc="white", capsize=3, color="black", label="this run (live)", zorder=3)
+    for i, (x, e) in enumerate((live if isinstance(live, dict) else {live_x: live} if live is not None else {}).items()):
+        ax.errorbar([float(x)], [e.effect], yerr=[[e.effect - e.lo], [e.hi - e.effect]], fmt="s", mfc="white",
+                    capsize=3, color="black", label=None if i else "this run (live)", zorder=3)
     sweep_axis(ax, sweep, log_x)
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)

@@ -27,7 +27,13 @@ def gaussian_label(shape: tuple[int, int], sigma: float) -> np.ndarray:
 
 
 def hann_window(shape: tuple[int, int]) -> np.ndarray:
-    """A 2-D Hann (cosine) window, so that the patch fades to zero at its border before the FFT."""
+    r"""A 2-D Hann (cosine) window, so that the patch fades to zero at its border before the FFT.
+
+    Each axis is the symmetric Hann window :math:`w_n = \tfrac12 (1 - \cos(2\pi n / (N - 1)))`, zero at both
+    ends: NumPy's ``hanning(N)``, and MATLAB's ``hann(N)``, which CSR-DCF's code and the paper's tracer
+    (``create_xb_tracker.m``: ``hann(size(Y,1)) * hann(size(Y,2))'``) use. (ASRCF and AutoTrack instead crop
+    ``hann(N + 2)``, which is nowhere zero.)
+    """
     return np.outer(np.hanning(shape[0]), np.hanning(shape[1]))
 
 

@@ -72,16 +72,61 @@ def test_graphcut_order_rejects_a_k_larger_than_the_set():
         C.graphcut_order(torch.zeros(3, 4), 1)
 
 
-def test_quantization_bins_partition_the_set_and_start_with_graphcut():
-    sim = random_sim(23, 5)
-    bins = C.quantization_bins(sim, 5)
-    assert [len(b) for b in bins] == [5, 5, 5, 4, 4]
-    assert sorted(torch.cat(bins).tolist()) == list(range(23))
-    assert bins[0].tolist() == C.graphcut_order(sim, 5).tolist()
-    rest = torch.tensor(sorted(set(range(23)) - set(bins[0].tolist())))
-    assert bins[1].tolist() == rest[C.graphcut_order(sim[rest][:, rest], 5)].tolist(), "bin 2 is chosen from what bin 1 left"
-    with pytest.raises(ValueError, match="num_bins=24 must be an int between 1 and the 23 samples"):
-        C.quantization_bins(sim, 24)
+def official_bin_sizes(class_sizes, num_bins):
+    """DQ's quantize_sample.py, its sizes only: a fresh fraction of what is left per bin, rounded per class."""
+    avail = [(c, i) for c, n in enumerate(class_sizes) for i in range(n)]
+    coreset_size = round(len(avail) * (1 / num_bins))
+    rows = []
+    for exp in range(num_bins - 1):
+        fraction = coreset_size / len(avail)
+        take = [round(fraction * sum(1 for a in avail if a[0] == c)) for c in range(len(class_sizes))]
+        rows.append(take)
+        for c, t in enumerate(take):          # drop the first t of class c (which ones does not matter here)
+            drop = [a for a in avail if a[0] == c][:t]
+            avail = [a for a in avail if a not in drop]
+    rows.append([sum(1 for a in avail if a[0] == c) for c in range(len(class_sizes))])
+    return rows
+
+
+@pytest.mark.parametrize("class_sizes,num_bins", [([135, 134, 136, 133], 10), ([13, 7, 25], 3), ([40, 41], 7)])
+def test_dq_bin_sizes_follow_dq_code(class_sizes, num_bins):
+    sizes = C.dq_bin_sizes(class_sizes, num_bins)
+    assert sizes.tolist() == official_bin_sizes(class_sizes, num_bins)
+    assert sizes.sum(0).tolist() == class_sizes and sizes.shape == (num_bins, len(class_sizes))
+
+
+def test_dq_bin_sizes_round_halves_to_even_as_python_does():
+    # 4 bins of 10 from classes of 10 and 30: the first takes 0.25 of each, 2.5 -> 2 and 7.5 -> 8 (not 3 and 8)
+    assert C.dq_bin_sizes([10, 30], 4).tolist() == [[2, 8], [3, 7], [2, 8], [3, 7]]
+    # 10 bins of 2 from classes of 5 and 15: 0.5 -> 0, so the first bin would hold no sample of class 0
+    with pytest.raises(ValueError, match="use fewer bins"):
+        C.dq_bin_sizes([5, 15], 10)
+    with pytest.raises(ValueError, match="num_bins=0 must be a whole number"):
+        C.dq_bin_sizes([5, 15], 0)
+
+
+def test_quantization_bins_partition_each_class_and_reembed_for_every_bin():
+    gen = torch.Generator().manual_seed(5)
+    labels = torch.tensor([0] * 23 + [1] * 17)[torch.randperm(40, generator=gen)]
+    table = torch.randn(40, 4, generator=gen, dtype=torch.float64)
+    calls = []
+
+    def embed(remaining):                     # a fixed embedding, re-read for the remaining samples only
+        calls.append(remaining.clone())
+        return table[remaining]
+
+    sizes = C.dq_bin_sizes([23, 17], 5)
+    bins = C.quantization_bins(embed, labels, sizes)
+    assert len(calls) == 4 and len(calls[0]) == 40 and torch.equal(calls[1], torch.tensor(sorted(
+        set(range(40)) - set(torch.cat([bins[0][0], bins[1][0]]).tolist()))))
+    for c, count in ((0, 23), (1, 17)):
+        assert [len(b) for b in bins[c]] == sizes[:, c].tolist()
+        assert sorted(torch.cat(bins[c]).tolist()) == (labels == c).nonzero().flatten().tolist()
+        members = (labels == c).nonzero().flatten()
+        first = members[C.graphcut_order(C.similarity(table[members]), int(sizes[0, c]))]
+        assert bins[c][0].tolist() == first.tolist(), "bin 1 is the GraphCut selection from the whole class"
+    with pytest.raises(ValueError, match="each class's column summing"):
+        C.quantization_bins(embed, labels, torch.ones(5, 2, dtype=torch.long))
 
 
 def test_bin_order_prefixes_sample_every_bin_evenly():
@@ -143,14 +188,16 @@ def test_allocate_budget_rejects_an_impossible_total():
 
 
 @pytest.mark.parametrize("make", [lambda: MLP(12, 3, 5), lambda: SmallCNN(1, 3, 2)])
-def test_gradient_embeddings_are_the_per_sample_gradients_of_the_head(make):
+@pytest.mark.parametrize("loss_on", ["probabilities", "logits"])
+def test_gradient_embeddings_are_the_per_sample_gradients_of_the_head(make, loss_on):
     torch.manual_seed(0)
     model = make()
     x, y = torch.randn(4, 1, 3, 4), torch.tensor([0, 2, 1, 2])
-    emb = C.gradient_embeddings(model, x, y, batch_size=3)
+    emb = C.gradient_embeddings(model, x, y, batch_size=3, loss_on=loss_on)
     for i in range(4):
         model.zero_grad()
-        F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
+        z = model(x[i : i + 1])
+        F.cross_entropy(z.softmax(1) if loss_on == "probabilities" else z, y[i : i + 1]).backward()
         expected = torch.cat([model.head.bias.grad, model.head.weight.grad.flatten()])
         assert torch.allclose(emb[i], expected, atol=1e-6)
 
@@ -158,6 +205,8 @@ def test_gradient_embeddings_are_the_per_sample_gradients_of_the_head(make):
 def test_gradient_embeddings_need_features_and_a_linear_head():
     with pytest.raises(TypeError, match="needs a features"):
         C.gradient_embeddings(torch.nn.Linear(3, 2), torch.zeros(1, 3), torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match="loss_on='softmax' must be 'probabilities'"):
+        C.gradient_embeddings(MLP(3, 2, 2), torch.zeros(1, 3), torch.zeros(1, dtype=torch.long), loss_on="softmax")
 
 
 def test_mlp_shapes_and_errors():

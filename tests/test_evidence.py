@@ -51,6 +51,15 @@ def test_exact_ties_give_a_zero_width_interval():
     assert E.judge(spec(-0.01), np.full(8, 0.5), np.full(8, 0.5)).outcome == "reproduced"
 
 
+def test_an_effect_on_the_threshold_up_to_rounding_needs_no_seed_count():
+    """A mean of differences that cancel leaves ~1e-17, not 0: it is on the threshold, not ~1e32 seeds from it."""
+    ours = np.array([0.1, 0.7, 0.2, 0.9, 0.3, 0.6, 0.4, 0.8])
+    theirs = ours[[1, 0, 3, 2, 5, 4, 7, 6]]                     # the same values, paired differently
+    ev = E.judge(spec(0.0), ours, theirs)
+    assert abs(ev.effect) < 1e-12 and ev.needed is None and "on the threshold" in ev.line()
+    assert E.seeds_needed(1e-3, -0.01, 0.012, 8, 0.0) > 8
+
+
 def test_lower_and_fixed_claims():
     lower = E.ClaimSpec("error ratio below 0.9", "eps-MSE ratio", "lower", 0.9, SEEDS, "fixed")
     assert E.judge(lower, np.linspace(0.5, 0.6, 8)).outcome == "reproduced"

@@ -88,6 +88,11 @@ def test_judge_sweep_gives_each_point_its_verdict_and_names_it(tmp_path):
     E.plot_sweep(ax, sweep, evidence, live=evidence[0], live_x=10)
     assert len(ax.get_legend().get_texts()) >= 4
     plt.close(fig)
+    fig, ax = plt.subplots()                         # a run that measured two points: two open squares, one label
+    E.plot_sweep(ax, sweep, evidence, live={10: evidence[0], 100: evidence[1]})
+    squares = [line for line in ax.lines if line.get_marker() == "s"]
+    assert len(squares) == 2 and [t.get_text() for t in ax.get_legend().get_texts()].count("this run (live)") == 1
+    plt.close(fig)
 
 
 def test_agrees_widens_the_stored_interval_by_its_floor(tmp_path):
@@ -162,7 +167,7 @@ def test_the_runner_starts_afresh_when_the_sweep_code_changed(tmp_path, capsys):
 
 def test_the_runner_refuses_bad_arguments_with_the_fix():
     with pytest.raises(SystemExit, match="no sweep in the experiments tier"):
-        runner.sweep_module("03")
+        runner.sweep_module("04")
     with pytest.raises(SystemExit, match="at least 5"):
         runner.main(["--chapter", "02", "--seeds", "3"])
     if not torch.cuda.is_available():

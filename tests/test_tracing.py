@@ -104,6 +104,22 @@ def test_dcf_finds_a_shifted_template_exactly(shift):
     assert found.peak == pytest.approx(1.0, abs=1e-3) and found.second_ratio < 0.2
 
 
+def test_a_crowded_volume_still_finds_each_neuron_a_colour():
+    """Seed 10 with 10 neurons has no tenth colour 0.5 from the other nine (the generator used to loop forever)."""
+    v = D.make_neuron_volume((48, 96, 96), 10, 10)
+    gaps = np.linalg.norm(v.colours[:, None] - v.colours[None], axis=-1) + 9 * np.eye(10)
+    assert len(v.neurons) == 10 and gaps.min() > 0.3
+
+
+def test_hann_window_is_matlabs_symmetric_hann_as_the_papers_tracer_uses():
+    """MATLAB's hann(N) = 0.5 (1 - cos(2 pi n / (N - 1))), n = 0..N-1: zero at both ends, peak 1 at the centre."""
+    for n in (5, 24):
+        matlab = 0.5 * (1 - np.cos(2 * np.pi * np.arange(n) / (n - 1)))
+        assert np.allclose(T.hann_window((n, n)), np.outer(matlab, matlab), atol=1e-15)
+    w = T.hann_window((24, 25))
+    assert w.shape == (24, 25) and w[0].max() == 0 == w[:, -1].max() and w.max() <= 1
+
+
 def test_dcf_response_equals_the_closed_form_on_one_channel():
     """One channel, no window: response = ifft( conj(conj(G) F) Z / (|F|^2 + lam) ), written out in NumPy."""
     rng = np.random.default_rng(2)
@@ -203,8 +219,9 @@ def test_chapter_traces_a_tiff_stack_from_its_swc_files(tmp_path, monkeypatch):
     printed = "".join(o.get("text", "") for c in out.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "volume 0: (32, 64, 64, 3), neurons of" in printed, "the stack was read in (Z, Y, X, C) order"
     claims = [line for line in printed.splitlines() if re.match(r"\[(reproduced|not reproduced|inconclusive)\] the full "
-                                                                 r"tracer .*, 95% CI \[", line)]
+                                                                 r"tracer .*, 95% CI \[", line) and "[neurons = " not in line]
     assert len(claims) == 4, "the experiment and the claim check ran on it, each claim (VSA, BRR) judged with its interval"
+    assert "differs from the stored points" in printed, "section 6.1 reads the stored sweep as orientation only"
 
 
 @pytest.mark.parametrize("parameters, message", [
