@@ -55,7 +55,7 @@ def test_record_evidence_keeps_the_interval_and_three_way_verdict(monkeypatch, t
     assert won.verdict() == judged(aa=(0.01, -0.01, 0.0, 0.01)).line() and "95% CI [" in won.verdict()
     assert won.reproduced and won.status == "reproduced" and won.seeds == 4 and won.floor > 0
     unsure = report.record_evidence("02_z", evidence.judge(evidence.ClaimSpec(
-        "C beats D", "accuracy", "higher", 0.0, (0, 1, 2)), (0.9, 0.7, 0.8), (0.8, 0.8, 0.8)), paper="+1 point")
+        "C beats D", "accuracy", "higher", 0.0, (0, 1, 2)), (0.9, 0.7, 0.85), (0.8, 0.8, 0.8)), paper="+1 point")
     assert unsure.status == "inconclusive" and not unsure.reproduced and "needed)" in unsure.verdict()
     report.check_threshold("02_z", "B has learned", 0.8, 0.5)
     back = report.load_claims(tmp_path)
