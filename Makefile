@@ -54,7 +54,7 @@ seeds: $(STAMP)  ## every chapter (ci profile) at SEEDS (default "0 10 11 20", t
 
 CHAPTER ?=
 DEVICE ?= cpu
-experiments: $(STAMP)  ## one chapter's stored scale sweep (CHAPTER=02, 03, 05, 07, 08, 09 or 10; DEVICE=cuda extends it on a GPU): data/results/<chapter>.json, <= 60 min on 2 cores, resumable
+experiments: $(STAMP)  ## one chapter's stored scale sweep (CHAPTER=02, 03, 04, 05, 07, 08, 09 or 10; DEVICE=cuda extends it on a GPU): data/results/<chapter>.json, <= 60 min on 2 cores, resumable
 	@test -n "$(CHAPTER)" || { echo "usage: make experiments CHAPTER=NN, e.g. make experiments CHAPTER=02"; exit 2; }
 	$(BIN)/python scripts/experiments.py --chapter $(CHAPTER) --device $(DEVICE)
 

@@ -35,14 +35,17 @@ from torch import Tensor, nn
 from effnb.config import check_choice, check_count
 
 __all__ = [
-    "LSQQuantizer", "METHODS", "QParams", "QuantConv2d", "QuantLinear", "Quantizer", "StaticInt8Linear",
+    "LSQQuantizer", "METHODS", "QParams", "SEARCH_PERCENTILES", "QuantConv2d", "QuantLinear", "Quantizer",
+    "StaticInt8Linear",
     "calibrate", "choose_qparams", "dequantize", "fake_quantize", "format_report", "grad_scale",
     "int8_bytes", "int8_engine", "int8_linear", "qrange", "quantization_report", "quantize",
     "quantize_model", "restore_float", "round_ste", "set_quantization", "set_timestep_index",
     "timestep_index",
 ]
 
-METHODS: tuple[str, ...] = ("minmax", "percentile", "mse")
+METHODS: tuple[str, ...] = ("minmax", "percentile", "mse", "percentile_search")
+#: The quantile levels PTQ4DiT's and Q-Diffusion's code search for their "mse" range (``quant_layer.py``).
+SEARCH_PERCENTILES: tuple[float, ...] = (0.999, 0.9999, 0.99999)
 _EPS = torch.finfo(torch.float32).eps
 
 
@@ -201,6 +204,49 @@ def _mse_range(rows: Tensor, lo: Tensor, hi: Tensor, bits: int, symmetric: bool,
     return alphas[best] * lo, alphas[best] * hi
 
 
+def _quantiles(rows: Tensor, levels: list[float]) -> Tensor:
+    """Each row's quantiles at ``levels``, ``(len(levels), C)``, by ``torch.quantile``'s rule (linear interpolation
+    between the sorted values, ``lerp`` as it does), without its limit of 2^24 values. Extreme levels, which the
+    percentile search asks for, need only the few smallest and largest values: those come from ``topk``."""
+    n = rows.shape[1]
+    q = torch.tensor(levels, dtype=rows.dtype, device=rows.device)
+    ranks = q * (n - 1)
+    below = ranks.floor().long()
+    above = ranks.ceil().long().clamp(max=n - 1)
+    k = int(torch.maximum(torch.where(q <= 0.5, above + 1, 0), torch.where(q > 0.5, n - below, 0)).max())
+    if 4 * k < n:                                                    # order statistics from both ends only
+        ends = torch.cat([rows.topk(k, dim=1, largest=False).values, rows.topk(k, dim=1).values.flip(1)], 1)
+        position = lambda i: torch.where(i < k, i, i - (n - 2 * k))  # noqa: E731  (index into `ends`)
+        ordered, below_at, above_at = ends, position(below), position(above)
+    else:
+        ordered, below_at, above_at = rows.sort(dim=1).values, below, above
+    weights = (ranks - below.to(rows.dtype))[:, None]
+    return torch.lerp(ordered[:, below_at].T, ordered[:, above_at].T, weights)
+
+
+def _percentile_search_range(rows: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Tensor]:
+    """The range among the quantile pairs ``(1 - p, p)``, p in :data:`SEARCH_PERCENTILES` (of |x| when
+    symmetric), with the least squared error per row; on a tie the first p tried wins, as in the official
+    code's strict ``score < best_score``."""
+    ps = list(SEARCH_PERCENTILES)
+    if symmetric:
+        his = _quantiles(rows.abs(), ps)
+        los = -his
+    else:
+        q = _quantiles(rows, [1.0 - p for p in ps] + ps)
+        los, his = q[:len(ps)], q[len(ps):]
+    best_err, best_lo, best_hi = None, None, None
+    for lo, hi in zip(los, his):
+        err = (fake_quantize(rows, _qparams_from_range(lo, hi, bits, symmetric, axis=0)) - rows).pow(2).sum(1)
+        if best_err is None:
+            best_err, best_lo, best_hi = err, lo, hi
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
+    return best_lo, best_hi
+
+
 def _check_method(method: str, percentile: float, grid: int) -> None:
     check_choice("method", method, METHODS)
     if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0 < percentile <= 100:
@@ -215,6 +261,8 @@ def _choose(rows: Tensor, lo: Tensor, hi: Tensor, bits: int, symmetric: bool, ax
         lo, hi = _percentile_range(rows, percentile, symmetric)
     elif method == "mse":
         lo, hi = _mse_range(rows, lo, hi, bits, symmetric, grid)
+    elif method == "percentile_search":
+        lo, hi = _percentile_search_range(rows, bits, symmetric)
     return _qparams_from_range(lo, hi, bits, symmetric, axis)
 
 
@@ -225,8 +273,11 @@ def choose_qparams(x: Tensor, bits: int = 8, symmetric: bool = False, axis: int 
     ``method``: ``"minmax"`` covers [min, max]; ``"percentile"`` clips at that nearest-rank
     percentile of |x| (symmetric) or of each tail; ``"mse"`` shrinks [min, max] by the factor among
     ``grid`` points in (0, 1] that gives the least :math:`\sum (\hat x - x)^2` (per channel), so its
-    error is never above min-max's (factor 1). Rounding z can move the grid by up to s/2, so min
-    or max may lie just outside it; their error is still at most s/2.
+    error is never above min-max's (factor 1); ``"percentile_search"`` is what PTQ4DiT's and Q-Diffusion's
+    code call "mse": of the ranges from the quantiles (1 - p, p), p in {0.999, 0.9999, 0.99999}
+    (``torch.quantile``, linear interpolation; of |x| if symmetric), the one with the least squared
+    error. Rounding z can move the grid by up to s/2, so min or max may lie just outside it; their
+    error is still at most s/2.
 
     Worked example, asymmetric 8-bit min-max of x = [-1.0, 0.5, 2.0]: s = (2 - (-1)) / 255 = 0.011765,
     z = round(0 + 1/s) = round(85.0) = 85; 0.5 → q = round(42.5) + 85 = 42 + 85 = 127 (half to even),
@@ -298,11 +349,10 @@ def _reservoir_add(reservoir: Tensor, seen: int, rows: Tensor, cap: int, gen: to
     i = n + torch.arange(1, len(rest) + 1, dtype=torch.float64)
     slot = (torch.rand(len(rest), generator=gen, dtype=torch.float64) * i).long()
     keep = torch.nonzero(slot < cap).squeeze(1)
-    slot, order = torch.sort(slot[keep], stable=True)                 # a later row wins a shared slot
-    keep = keep[order]
-    last = torch.ones_like(slot, dtype=torch.bool)
-    last[:-1] = slot[1:] != slot[:-1]
-    reservoir[slot[last]] = rows[keep[last].to(rows.device)].cpu()
+    winner = torch.full((cap,), -1, dtype=torch.long)
+    winner.scatter_reduce_(0, slot[keep], keep, reduce="amax")        # a later row wins a shared slot
+    hit = torch.nonzero(winner >= 0).squeeze(1)
+    reservoir[hit] = rest[winner[hit].to(rows.device)].cpu()
     return reservoir
 
 

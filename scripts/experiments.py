@@ -35,7 +35,7 @@ from effnb.data import atomic_path  # noqa: E402
 from effnb.experiments import MIN_POINTS, MIN_SEEDS, RESULTS_DIR, validate  # noqa: E402
 from effnb.measure import cpu_instruction_sets, cpu_name  # noqa: E402
 
-SWEEPS = {"02": "speed", "03": "dqas", "05": "ptq4dit", "07": "bimtdp", "08": "fbpt", "09": "prumerge",
+SWEEPS = {"02": "speed", "03": "dqas", "04": "lad", "05": "ptq4dit", "07": "bimtdp", "08": "fbpt", "09": "prumerge",
           "10": "tracing"}
 PARTIAL = ROOT / "_build" / "experiments"
 

@@ -467,3 +467,17 @@ def test_chapter_reads_the_experts_the_script_makes_and_refuses_other_shapes(tmp
     assert torch.equal(chapter["experts"][50]["stage2"][1], made["stage2"])
     with pytest.raises(ValueError, match=re.escape("make them with scripts/make_experts.py --width 16 --depth 2")):
         run_chapter_head("experts, expert_seconds = {}, {}", EXPERTS_DIR=str(tmp_path / "other"))
+
+
+def test_chapter_refuses_experts_of_another_imbalance_or_data_seed(tmp_path):
+    for folder, beta_10, beta_50 in (("swapped", "50", "10"), ("reseeded", "10", "50")):
+        extra = ["--data-seed", "1"] if folder == "reseeded" else []
+        for beta, made_at in ((10, beta_10), (50, beta_50)):
+            out = tmp_path / folder / f"b{beta}"
+            assert make_experts.main(["--experts", "1", "--imbalance", made_at, *extra, "--out", str(out)]) == 0
+    with pytest.raises(ValueError, match=re.escape("holds experts made from {'data': 'digits', 'imbalance': 50.0, "
+                                                   "'data_seed': 0}, not from this chapter's data 'digits' at imbalance 10")):
+        run_chapter_head("experts, expert_seconds = {}, {}", EXPERTS_DIR=str(tmp_path / "swapped"))
+    with pytest.raises(ValueError, match=re.escape("make them with scripts/make_experts.py --data digits --imbalance 10 "
+                                                   "--data-seed 0 --out")):
+        run_chapter_head("experts, expert_seconds = {}, {}", EXPERTS_DIR=str(tmp_path / "reseeded"))

@@ -167,7 +167,7 @@ def test_the_runner_starts_afresh_when_the_sweep_code_changed(tmp_path, capsys):
 
 def test_the_runner_refuses_bad_arguments_with_the_fix():
     with pytest.raises(SystemExit, match="no sweep in the experiments tier"):
-        runner.sweep_module("04")
+        runner.sweep_module("06")
     with pytest.raises(SystemExit, match="at least 5"):
         runner.main(["--chapter", "02", "--seeds", "3"])
     if not torch.cuda.is_available():

@@ -125,6 +125,34 @@ def test_error_bound_idempotence_and_16_bit_identity(shape, seed):
         assert float((x_hat - x).abs().max()) <= 1e-4 * float(x.max() - x.min())
 
 
+def _official_percentile_search(x):
+    """PTQ4DiT's quant_layer.py, UniformAffineQuantizer.init_quantization_scale, scale_method 'mse', replayed."""
+    best_score, delta, zero_point = 1e10, None, None
+    for pct in [0.999, 0.9999, 0.99999]:
+        new_max, new_min = torch.quantile(x.reshape(-1), pct), torch.quantile(x.reshape(-1), 1.0 - pct)
+        d = (new_max - new_min) / (2 ** 4 - 1)
+        z = (-new_min / d).round()
+        x_q = (torch.clamp(torch.round(x / d) + z, 0, 2 ** 4 - 1) - z) * d
+        score = (x - x_q).abs().pow(2).mean()
+        if score < best_score:
+            best_score, delta, zero_point = score, d, z
+    return delta, zero_point
+
+
+def test_percentile_search_is_ptq4dits_mse_range():
+    for seed in range(6):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(5, 20_000, generator=g) * torch.linspace(0.5, 2, 5)[:, None] + 0.1
+        x[:, :3] *= 40 * (seed % 3)                                      # planted outliers in some cases
+        qp = Q.choose_qparams(x, 4, False, axis=0, method="percentile_search")
+        for c in range(5):
+            delta, zero = _official_percentile_search(x[c])
+            assert abs(float(qp.scale[c]) - float(delta)) <= 1e-5 * float(delta), (seed, c)
+            assert int(qp.zero_point[c]) == int(zero), (seed, c)
+    big = torch.randn(1, 1 << 24 | 5, generator=torch.Generator().manual_seed(9))   # past torch.quantile's limit
+    assert float(Q.choose_qparams(big, 8, method="percentile_search").scale) > 0
+
+
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_mse_search_never_loses_to_min_max_per_channel(symmetric):
     for seed in range(3):
@@ -492,7 +520,7 @@ def test_primitive_errors_name_the_fix():
         Q.choose_qparams(x, axis=2)
     with pytest.raises(ValueError, match=r"axis=-3 is out of range"):
         Q.fake_quantize(x, Q.QParams(torch.ones(3), torch.zeros(3, dtype=torch.int32), 8, False, -3))
-    with pytest.raises(ValueError, match="method='kl' is not valid; use one of 'minmax', 'percentile', 'mse'."):
+    with pytest.raises(ValueError, match="method='kl' is not valid; use one of 'minmax', 'percentile', 'mse', 'percentile_search'."):
         Q.choose_qparams(x, method="kl")
     for p in (0, 100.5, -1):
         with pytest.raises(ValueError, match=rf"percentile={p!r} must lie in \(0, 100\], e\.g\. percentile=99\.9\."):
@@ -606,3 +634,28 @@ def test_per_step_quantizers_learn_their_own_steps():
     with Q.timestep_index(nn.Sequential(layer), 1):
         layer(x).sum().backward()
     assert steps[0].grad is None and steps[1].grad is not None    # only step 1's quantizer ran
+
+
+def test_reservoir_add_is_algorithm_r_row_by_row():
+    """The vectorised reservoir equals Algorithm R run one row at a time with the same random draws."""
+    from effnb.quant import _reservoir_add
+    rows = torch.arange(500.0).reshape(250, 2)
+    for cap, seen, start in ((40, 0, 0), (40, 60, 40), (7, 7, 7)):
+        reservoir = torch.full((start, 2), -1.0)
+        got = _reservoir_add(reservoir.clone(), seen, rows, cap, torch.Generator().manual_seed(3))
+        fill = min(cap - start, len(rows))
+        expected = torch.cat([reservoir, rows[:fill]])
+        draws = torch.rand(len(rows) - fill, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        for k, row in enumerate(rows[fill:]):
+            slot = int(draws[k] * (seen + fill + k + 1))
+            if slot < cap:
+                expected[slot] = row
+        assert torch.equal(got, expected), (cap, seen, start)
+
+
+def test_quantiles_equal_torch_quantile_bit_for_bit():
+    from effnb.quant import _quantiles
+    levels = [0.0, 0.001, 0.5, 0.9999, 0.99999, 1.0]
+    for seed, n in enumerate((1, 2, 3, 1000, 65_537)):
+        x = torch.randn(4, n, generator=torch.Generator().manual_seed(seed)) * 3
+        assert torch.equal(_quantiles(x, levels), torch.quantile(x, torch.tensor(levels), dim=1)), n

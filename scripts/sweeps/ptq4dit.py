@@ -14,6 +14,7 @@ import copy
 from types import SimpleNamespace
 
 import numpy as np
+import scipy.stats
 import torch
 
 from effnb import diffusion as D
@@ -30,8 +31,8 @@ POINTS = {"cpu": [4, 5, 6, 8], "cuda": [3, 4, 5, 6, 8]}
 SEEDS = list(range(20, 40))
 EFFNB_MODULES = ["diffusion", "quant"]
 W_BITS, AA_OFFSET, DDIM_STEPS, N_CAL, N_EVAL = 8, 100, 20, 20, 30
-FUNCTIONS = ["trajectory", "eps", "labels_for", "quantized", "eps_mse", "geo_mean", "GROUPS", "weight_salience",
-             "activation_salience", "ranks", "spearman", "ssc_weights", "balance_scales", "rescale_input_channels",
+FUNCTIONS = ["trajectory", "eps", "labels_for", "QUANTIZERS", "quantized", "eps_mse", "geo_mean", "GROUPS",
+             "weight_salience", "activation_salience", "ssc_weights", "balance_scales", "rescale_input_channels",
              "balanced", "ARMS"]
 
 
@@ -46,7 +47,7 @@ def setup(device: torch.device) -> dict:
     """The stored DiT, the held-out evaluation trajectories and the chapter's functions."""
     fp_model, _ = D.load_reference("dit4x64_digits8", device=device)
     fp_model.requires_grad_(False)
-    ns = {"torch": torch, "copy": copy, "np": np, "D": D, "Q": Q, "run": SimpleNamespace(device=device),
+    ns = {"torch": torch, "copy": copy, "np": np, "scipy": scipy, "D": D, "Q": Q, "run": SimpleNamespace(device=device),
           "ddim": D.make_scheduler("linear", "ddim"), "DDIM_STEPS": DDIM_STEPS, "N_CAL": N_CAL, "calibration": {}}
     sources = notebook_functions(NOTEBOOK, FUNCTIONS, ns)
     eval_labels = ns["labels_for"](N_EVAL, fp_model)
