@@ -276,7 +276,8 @@ def choose_qparams(x: Tensor, bits: int = 8, symmetric: bool = False, axis: int 
     error is never above min-max's (factor 1); ``"percentile_search"`` is what PTQ4DiT's and Q-Diffusion's
     code call "mse": of the ranges from the quantiles (1 - p, p), p in {0.999, 0.9999, 0.99999}
     (``torch.quantile``, linear interpolation; of |x| if symmetric), the one with the least squared
-    error. Rounding z can move the grid by up to s/2, so min or max may lie just outside it; their
+    error. Like every method here it widens the range to hold 0 (the official code does not), so the two
+    differ only on a tensor whose values all lie on one side of 0. Rounding z can move the grid by up to s/2, so min or max may lie just outside it; their
     error is still at most s/2.
 
     Worked example, asymmetric 8-bit min-max of x = [-1.0, 0.5, 2.0]: s = (2 - (-1)) / 255 = 0.011765,

@@ -35,9 +35,9 @@ EFFNB_MODULES = ["distill", "data", "models"]
 BETA, IMAGE_LRS = 50, (10.0, 100.0)
 SETTINGS = dict(data="digits 8x8, data seed 0", imbalance=BETA, image_lrs=list(IMAGE_LRS), student_lr=0.1,
                 eval_lr=0.05, lr_lr=1e-5, label_lr=2.0, experts=5, expert_seed=0, iterations=8, student_steps=10,
-                eval_epochs=150, start_epochs=[0, 10], expert_epochs=2, aa_offset=100)
-FUNCTIONS = ["fresh_model", "random_subset", "evaluate_set", "distilled", "frequency_weighted_soft_ce", "lad_phases",
-             "initial_logits", "LAMBDAS", "make_set"]
+                eval_epochs=150, start_epochs=[0, 19], expert_epochs=2, lambdas=[1.0, 0.5], aa_offset=100)
+FUNCTIONS = ["start_epochs", "fresh_model", "random_subset", "evaluate_set", "distilled", "frequency_weighted_soft_ce",
+             "lad_phases", "initial_logits", "LAMBDAS", "make_set"]
 MATCHED = ["DATM", "DATM from LAD's start", "LAD"]
 
 
@@ -61,7 +61,7 @@ def setup(device: torch.device) -> dict:
     ns = {"torch": torch, "F": F, "np": np, "time": time, "D": D, "run": SimpleNamespace(device=device),
           "CONFIG": config_, "IPC": None, "IMAGE_LR": None, "STUDENT_LR": s["student_lr"], "EVAL_LR": s["eval_lr"],
           "ITERATIONS": s["iterations"], "STUDENT_STEPS": s["student_steps"], "EVAL_EPOCHS": s["eval_epochs"],
-          "START_MAX": s["start_epochs"][1], "splits": {BETA: split},
+          "splits": {BETA: split},
           "counts": {BETA: torch.bincount(split.y_train.cpu(), minlength=split.num_classes)},
           "experts": {BETA: {stage: torch.stack([m[stage] for m in made]) for stage in ("stage1", "stage2")}}}
     sources = notebook_functions(NOTEBOOK, FUNCTIONS, ns)
