@@ -2,7 +2,8 @@
 
 Layers (imports only point down): ``config``; ``data`` (with ``pointclouds``, which builds on it),
 ``plot``, ``show``, ``report``; ``models``, ``train``, ``measure``; technique modules (``roofline``,
-``diffusion``, ``quant``, ``binary``, ``coreset``, ``tracing``, ``tokens``, ``distill``, ...).
+``diffusion``, ``quant``, ``binary`` (with ``xnor``, its deployed engine, which builds on it), ``coreset``,
+``tracing``, ``tokens``, ``distill``, ...).
 """
 import os as _os
 

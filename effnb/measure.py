@@ -1,18 +1,24 @@
 """Measure what efficiency is made of: parameters, bytes, FLOPs, latency, peak memory, and
-this machine's own roofline (peak compute and memory bandwidth).
+this machine's own roofline (peak compute and memory bandwidth), and its int8 engines (which torch offers,
+which kernel each runs, whether the CPU needs ``reduce_range``).
 
 Introduced in Chapter 0.
 """
 from __future__ import annotations
 
+import ctypes
 import glob
+import os
 import platform
 import re
 import statistics
+import sys
+import tempfile
 import time
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -20,14 +26,16 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from effnb.config import check_count
+from effnb.config import check_choice, check_count
 
 __all__ = [
     "MachineRoofline",
+    "QUANTIZED_ENGINES",
     "count_flops",
     "count_parameters",
     "cpu_instruction_sets",
     "cpu_name",
+    "int8_kernel",
     "last_level_cache_bytes",
     "latency",
     "latency_rounds",
@@ -35,7 +43,12 @@ __all__ = [
     "measure_machine",
     "measure_matmul",
     "model_bytes",
+    "needs_reduce_range",
+    "onednn_kernels",
     "peak_memory",
+    "quantized_engine",
+    "quantized_engines",
+    "time_share",
 ]
 
 
@@ -163,6 +176,40 @@ def latency_rounds(fns: dict[str, Callable[[], object]], rounds: int = 5, warmup
         for name, fn in fns.items():
             times[name].append(latency(fn, warmup, repeats, device))
     return times
+
+
+def time_share(fn: Callable[[], object], modules: list[nn.Module], repeats: int = 10,
+               clock: Callable[[], float] = time.perf_counter) -> float:
+    """The fraction of ``fn()``'s wall time spent inside the forward of ``modules`` (each counted once per
+    call, nested ones not twice), over ``repeats`` calls after one warm-up: where a network's time goes.
+    Forward hooks start and stop a clock around each module, so the share includes their own small cost
+    (about a microsecond per call). ``clock`` is for tests. Introduced in Chapter 7."""
+    check_count("repeats", repeats, 10)
+    if not modules:
+        raise ValueError("time_share needs at least one module to time, e.g. [model.layer1].")
+    inside, depth, started = [0.0], [0], [0.0]
+
+    def enter(module: nn.Module, args: tuple) -> None:
+        depth[0] += 1
+        if depth[0] == 1:
+            started[0] = clock()
+
+    def leave(module: nn.Module, args: tuple, output: object) -> None:
+        depth[0] -= 1
+        if depth[0] == 0:
+            inside[0] += clock() - started[0]
+
+    handles = [h for m in set(modules) for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    try:
+        fn()
+        inside[0], start = 0.0, clock()
+        for _ in range(repeats):
+            fn()
+        total = clock() - start
+    finally:
+        for handle in handles:
+            handle.remove()
+    return inside[0] / total if total > 0 else 0.0
 
 
 class _AllocationTracker(TorchDispatchMode):
@@ -337,3 +384,128 @@ def last_level_cache_bytes() -> int | None:
         elif text.isdigit():
             sizes.append(int(text))
     return max(sizes) if sizes else None
+
+
+# ----------------------------------------------------------------------------- torch's quantized CPU engines
+# The engines torch knows (torch.ao.quantization.get_default_qconfig's list): x86 and fbgemm run FBGEMM's kernels
+# for a Linear, onednn runs oneDNN's, qnnpack runs QNNPACK's (SSE2 on x86, NEON on ARM).
+QUANTIZED_ENGINES: tuple[str, ...] = ("x86", "fbgemm", "onednn", "qnnpack")
+# Instruction sets whose int8 dot product (vpdpbusd) adds u8·s8 products straight into 32 bits, per engine:
+# FBGEMM dispatches its VNNI kernels on AVX-512 VNNI only (fbgemmInstructionSet: avx512_vnni, else avx512,
+# else avx2, so AVX-VNNI alone runs its AVX2 kernels); oneDNN also has AVX-VNNI and AMX kernels.
+_VNNI = {"x86": ("avx512_vnni",), "fbgemm": ("avx512_vnni",), "onednn": ("avx512_vnni", "avx_vnni", "amx_int8")}
+_X86 = ("sse4_2", "avx", "avx2")
+
+
+def quantized_engines() -> list[str]:
+    """The quantized CPU engines this torch build offers: ``torch.backends.quantized.supported_engines``
+    without ``"none"``, e.g. ``['qnnpack', 'onednn', 'x86', 'fbgemm']`` on x86 Linux. Introduced in Chapter 5."""
+    return [e for e in torch.backends.quantized.supported_engines if e != "none"]
+
+
+@contextmanager
+def quantized_engine(engine: str) -> Iterator[str]:
+    """Switch ``torch.backends.quantized.engine`` to ``engine`` for the block, and back afterwards.
+
+    A quantized module packs its weights for the engine it is built under: build it and run it inside the
+    same block. Raises ``ValueError`` for an engine this build does not offer (:func:`quantized_engines`).
+    Introduced in Chapter 5.
+    """
+    check_choice("engine", engine, quantized_engines())
+    before = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        yield engine
+    finally:
+        torch.backends.quantized.engine = before
+
+
+def needs_reduce_range(engine: str, instruction_sets: list[str] | None = None) -> bool:
+    """Whether int8 inputs must be 7-bit (torch's ``reduce_range``) for ``engine`` on this CPU.
+
+    Without VNNI, x86 int8 kernels multiply u8 inputs by s8 weights with ``vpmaddubsw``, which adds each pair of
+    products in 16 bits and saturates: 2 · 255 · 127 > 32767. 7-bit inputs keep every pair in range, at the cost
+    of one bit of input resolution. So: ``x86``/``fbgemm`` need it unless the CPU has AVX-512 VNNI (the only
+    VNNI FBGEMM dispatches to); ``onednn`` unless it has AVX-512 VNNI, AVX-VNNI or AMX (torch warns that its
+    onednn default, reduce_range off, "may have accuracy issues on CPU without VNNI"); ``qnnpack`` never (it
+    accumulates in 32 bits, torch's qnnpack default is off, and its dynamic Linear ignores the flag); a non-x86
+    CPU never. ``instruction_sets`` defaults to :func:`cpu_instruction_sets`; where they are unknown (``[]``),
+    the answer is the safe one, ``True`` (except for qnnpack). Raises ``ValueError`` for an unknown engine.
+    Introduced in Chapter 5.
+    """
+    check_choice("engine", engine, QUANTIZED_ENGINES)
+    sets = cpu_instruction_sets() if instruction_sets is None else instruction_sets
+    if engine == "qnnpack" or (sets and not any(s in sets for s in _X86)):
+        return False
+    return not any(s in sets for s in _VNNI[engine])
+
+
+def _flush_c_stdout() -> None:
+    """Flush C's stdout buffer (oneDNN prints its log with printf); a no-op where libc cannot be loaded."""
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError, TypeError):
+        pass
+
+
+def _executed_primitives(log: str) -> list[str]:
+    """``kind:implementation`` of each oneDNN primitive a verbose log reports as executed, in order and once
+    each, reorders (layout copies) left out: ``...,exec,cpu,matmul,brg_matmul:avx512_core_vnni,...`` gives
+    ``'matmul:brg_matmul:avx512_core_vnni'``. Reads the v1 format and the older one without ``v1,primitive``."""
+    found: list[str] = []
+    for line in log.splitlines():
+        fields = line.split(",")
+        if not fields[0].endswith("_verbose") or "exec" not in fields:
+            continue
+        i = fields.index("exec")
+        kind, impl = fields[i + 2:i + 4] if len(fields) > i + 3 else ("", "")
+        if kind and kind != "reorder" and f"{kind}:{impl}" not in found:
+            found.append(f"{kind}:{impl}")
+    return found
+
+
+def onednn_kernels(fn: Callable[[], object]) -> list[str]:
+    """The oneDNN primitives one call ``fn()`` executes, as oneDNN itself reports them (its verbose log, read
+    from the process's stdout), e.g. ``['matmul:brg_matmul:avx512_core_vnni']``: the kind, then the
+    implementation and the instruction set it was built for. ``[]`` when ``fn`` runs no oneDNN primitive
+    (an FBGEMM or QNNPACK kernel). Introduced in Chapter 5.
+    """
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 1)
+        try:
+            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+                fn()
+        finally:
+            _flush_c_stdout()
+            os.dup2(saved, 1)
+            os.close(saved)
+        log.seek(0)
+        return _executed_primitives(log.read().decode(errors="replace"))
+
+
+def _fbgemm_isa(sets: list[str]) -> str:
+    """The kernel family FBGEMM dispatches to on a CPU with ``sets`` (its fbgemmInstructionSet)."""
+    if "avx512_vnni" in sets:
+        return "avx512_vnni"
+    return "avx512" if {"avx512f", "avx512bw", "avx512vl"} <= set(sets) else "avx2"
+
+
+def int8_kernel(engine: str, fn: Callable[[], object], instruction_sets: list[str] | None = None) -> str:
+    """Which kernel runs ``fn()`` (an int8 op built and called under ``engine``), and how we know: what oneDNN
+    reports (:func:`onednn_kernels`) where it ran one, e.g. ``'oneDNN matmul:brg_matmul:avx512_core_vnni
+    (reported)'``; otherwise the library the engine routes a Linear to, and for FBGEMM the kernel family it
+    picks from the CPU's flags, e.g. ``'FBGEMM avx512_vnni (inferred from CPU flags)'``. Call it inside
+    ``quantized_engine(engine)``. Introduced in Chapter 5.
+    """
+    check_choice("engine", engine, QUANTIZED_ENGINES)
+    reported = onednn_kernels(fn) if torch.backends.mkldnn.is_available() else []
+    if reported:
+        return f"oneDNN {', '.join(reported)} (reported)"
+    if engine == "qnnpack":
+        return "QNNPACK (SSE2 on x86, NEON on ARM; inferred)"
+    if engine == "onednn":
+        return "oneDNN (its log named no primitive)"
+    sets = cpu_instruction_sets() if instruction_sets is None else instruction_sets
+    return f"FBGEMM {_fbgemm_isa(sets)} (inferred from CPU flags)"

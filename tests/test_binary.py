@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 import threading
 import time
 import warnings
@@ -20,10 +19,6 @@ from torch import nn
 
 from conftest import skip_or_fail
 from effnb import binary as B
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-
-import bench_binary  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tiny tensors: one thread (conftest.py)
@@ -364,14 +359,6 @@ def test_binary_ops_counts_by_hand():
     assert count.float_macs == stem + float_in + fc_float
     assert count.ops == stem + float_in + fc_float + (conv + fc_binary) / 64
     assert all(not m._forward_hooks for m in model.modules())
-
-
-# ---------------------------------------------------------------------------- the benchmark script's check
-def test_bench_script_checks_equality_without_timing():
-    a, b = bench_binary.operands(4, 3, 100)
-    assert a.shape == (4, 100) and b.shape == (3, 100) and set(a.unique().tolist()) == {-1.0, 1.0}
-    assert bench_binary.agree(a, b, "torch")
-    assert bench_binary.machine("torch")["backend"] == "torch"
 
 
 # ---------------------------------------------------------------------------- error messages

@@ -1,3 +1,4 @@
+import re
 import warnings
 
 import pytest
@@ -205,3 +206,104 @@ def test_cpu_instruction_sets_reads_the_flags_line(tmp_path, monkeypatch):
     arm.write_text("processor\t: 0\nFeatures\t: fp asimd asimddp sve i8mm\n")
     assert measure.cpu_instruction_sets(str(arm)) == ["asimd", "asimddp", "sve", "i8mm", "torch:AVX2"]
     assert measure.cpu_instruction_sets(str(tmp_path / "missing")) == []
+
+
+# ----------------------------------------------------------------------------- torch's quantized engines
+def test_quantized_engines_are_torch_s_list_without_none():
+    engines = measure.quantized_engines()
+    assert engines == [e for e in torch.backends.quantized.supported_engines if e != "none"]
+    assert "none" not in engines and set(engines) <= set(measure.QUANTIZED_ENGINES)
+
+
+def test_quantized_engine_switches_and_restores_even_after_an_error():
+    before = torch.backends.quantized.engine
+    for engine in measure.quantized_engines():
+        with measure.quantized_engine(engine) as name:
+            assert name == engine and torch.backends.quantized.engine == engine
+        assert torch.backends.quantized.engine == before
+    with pytest.raises(RuntimeError, match="inside"):
+        with measure.quantized_engine(measure.quantized_engines()[0]):
+            raise RuntimeError("inside")
+    assert torch.backends.quantized.engine == before
+
+
+def test_quantized_engine_names_the_engines_on_offer():
+    offered = ", ".join(map(repr, measure.quantized_engines()))
+    with pytest.raises(ValueError, match=rf"^engine='tpu' is not valid; use one of {re.escape(offered)}\.$"):
+        with measure.quantized_engine("tpu"):
+            pass
+
+
+@pytest.mark.parametrize("engine, sets, needed", [
+    ("x86", ["sse4_2", "avx", "avx2", "fma"], True),                       # AVX2 only: vpmaddubsw saturates
+    ("fbgemm", ["avx2", "avx512f", "avx512bw", "avx512vl"], True),        # AVX-512 without VNNI: still vpmaddubsw
+    ("x86", ["avx2", "avx512f", "avx512_vnni"], False),
+    ("fbgemm", ["avx2", "avx_vnni"], True),                               # FBGEMM has no AVX-VNNI kernels
+    ("onednn", ["avx2", "avx_vnni"], False),                              # oneDNN has
+    ("onednn", ["avx2", "amx_tile", "amx_int8"], False),
+    ("onednn", ["sse4_2", "avx", "avx2"], True),                          # torch warns: accuracy issues without VNNI
+    ("qnnpack", ["avx2"], False),                                         # 32-bit accumulation
+    ("onednn", ["asimd", "asimddp", "torch:DEFAULT"], False),             # not x86: no vpmaddubsw
+    ("x86", [], True),                                                    # flags unknown: the safe answer
+    ("qnnpack", [], False),
+])
+def test_needs_reduce_range_follows_the_cpu_s_int8_instructions(engine, sets, needed):
+    assert measure.needs_reduce_range(engine, sets) is needed
+
+
+def test_needs_reduce_range_names_the_engines_it_knows():
+    with pytest.raises(ValueError, match=r"^engine='mkldnn' is not valid; use one of 'x86', 'fbgemm', 'onednn', "
+                                         r"'qnnpack'\.$"):
+        measure.needs_reduce_range("mkldnn", ["avx2"])
+
+
+def test_executed_primitives_reads_both_verbose_formats():
+    log = ("onednn_verbose,v1,info,oneDNN v3.7.1\n"
+           "onednn_verbose,v1,primitive,exec,cpu,reorder,jit:uni,undef,src:f32 dst:u8,,256x1152,0.06\n"
+           "onednn_verbose,v1,primitive,exec,cpu,matmul,brg_matmul:avx512_core_vnni,undef,src:u8,,256x1152:1152x4608,2.1\n"
+           "onednn_verbose,v1,primitive,exec,cpu,matmul,brg_matmul:avx512_core_vnni,undef,src:u8,,256x1152:1152x4608,2.0\n"
+           "dnnl_verbose,exec,cpu,inner_product,gemm:jit,forward_inference,src_u8,,mb16ic64oc32,0.01\n"
+           "something else,exec\n")
+    assert measure._executed_primitives(log) == ["matmul:brg_matmul:avx512_core_vnni", "inner_product:gemm:jit"]
+    assert measure._executed_primitives("") == []
+
+
+@pytest.mark.skipif("onednn" not in measure.quantized_engines(), reason="this torch build has no onednn engine")
+def test_onednn_kernels_sees_a_onednn_int8_linear_and_nothing_in_a_float_add():
+    from effnb import quant as Q
+
+    linear, x = nn.Linear(64, 32), torch.randn(16, 64)
+    with measure.quantized_engine("onednn"):
+        module = Q.int8_linear(linear, "static", example_input=x, reduce_range=True)
+        with torch.no_grad():
+            kernels = measure.onednn_kernels(lambda: module(x))
+            assert measure.int8_kernel("onednn", lambda: module(x)).endswith("(reported)")
+    assert kernels and all(k.split(":")[0] in ("matmul", "inner_product") for k in kernels), kernels
+    assert measure.onednn_kernels(lambda: x + 1) == []
+
+
+@pytest.mark.parametrize("sets, isa", [(["avx2"], "avx2"), (["avx2", "avx512f", "avx512bw", "avx512vl"], "avx512"),
+                                       (["avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"], "avx512_vnni")])
+def test_int8_kernel_infers_fbgemm_s_kernel_family_from_the_flags(sets, isa):
+    assert measure.int8_kernel("fbgemm", lambda: None, sets) == f"FBGEMM {isa} (inferred from CPU flags)"
+    assert measure.int8_kernel("qnnpack", lambda: None, sets).startswith("QNNPACK")
+    with pytest.raises(ValueError, match=r"^engine='cuda' is not valid; use one of 'x86'"):
+        measure.int8_kernel("cuda", lambda: None)
+
+
+def test_time_share_counts_the_time_inside_the_modules_once():
+    ticks = iter(range(10_000))                            # a clock that advances 1 per reading
+    clock = lambda: float(next(ticks))
+    inner = nn.Linear(2, 2)
+    outer = nn.Sequential(inner, nn.ReLU())
+    model = nn.Sequential(outer, nn.Linear(2, 2))
+    x = torch.zeros(1, 2)
+    # per call: the outer clock reads start and stop (2 ticks), the hooks of `outer` read once each; `inner`
+    # is nested inside it and reads nothing more
+    share = measure.time_share(lambda: model(x), [outer, inner], repeats=10, clock=clock)
+    assert share == pytest.approx(10 * 1 / (10 * 2 + 1))    # 10 spans of 1 tick, 21 ticks from start to stop
+    assert not model[0]._forward_hooks and not inner._forward_pre_hooks, "no hook is left behind"
+    with pytest.raises(ValueError, match=re.escape("time_share needs at least one module to time, e.g. [model.layer1].")):
+        measure.time_share(lambda: model(x), [])
+    with pytest.raises(ValueError, match=re.escape("repeats=0 must be a whole number >= 1, e.g. repeats=10.")):
+        measure.time_share(lambda: model(x), [inner], repeats=0)
