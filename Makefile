@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: book test lab pdf outputs benchmark seeds experiments assignments grade full-edition gpu-smoke browser env clean
+.PHONY: book test lab pdf outputs benchmark seeds experiments assignments grade full-edition gpu-smoke full-dry browser env clean
 
 env: $(STAMP)
 
@@ -70,6 +70,9 @@ grade: $(STAMP)  ## grade SUBMISSIONS=folder of student notebooks against CHAPTE
 GPUS ?=
 full-edition: $(STAMP)  ## run every chapter with PROFILE=full (needs a GPU; several GPUs run chapters in parallel, GPUS=0,1 picks them) and render _build/full/html
 	$(BIN)/python scripts/build_full_edition.py $(if $(GPUS),--gpus $(GPUS))
+
+full-dry: $(STAMP)  ## on the CPU: every chapter's full-profile code path at full size, repetitions cut (EFFNB_SMOKE=dry), into _build/full-dry/
+	$(BIN)/python scripts/full_dry.py
 
 gpu-smoke: $(STAMP)  ## on a GPU: every chapter's full-profile path, cut short (<= 8 min); writes data/results/gpu-smoke.json
 	$(BIN)/python scripts/gpu_smoke.py

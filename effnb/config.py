@@ -36,6 +36,10 @@ __all__ = [
     "seed_everything",
     "setup",
     "smoke_enabled",
+    "smoke_mode",
+    "DeviceCheck",
+    "SMOKE_MODES",
+    "on_device",
     "widgets_enabled",
 ]
 
@@ -158,15 +162,24 @@ def progress_bar(iterable, desc: str | None = None, *, enabled: bool = True, min
     return tqdm(iterable, desc=desc, disable=not (enabled and progress_enabled()), mininterval=mininterval)
 
 
-def smoke_enabled() -> bool:
-    """Whether this is a GPU smoke run (``EFFNB_SMOKE=1``): the full profile's code paths and sizes,
-    with steps and seeds cut, so that ``make gpu-smoke`` runs every chapter in minutes.
+SMOKE_MODES: tuple[str, ...] = ("0", "1", "dry")
 
-    Raises ``ValueError`` for a value other than ``0``/``1``. Introduced in Chapter 0.
+
+def smoke_mode() -> str:
+    """``EFFNB_SMOKE``: ``"0"`` (a real run), ``"1"`` (a GPU smoke run: the full profile's sizes, steps
+    and seeds cut, so that ``make gpu-smoke`` runs every chapter in minutes) or ``"dry"`` (the full
+    profile's sizes on the CPU with every repetition cut to one or two, so that ``make full-dry``
+    checks the full profile's code path without a GPU). Raises ``ValueError`` for any other value.
+    Introduced in Chapter 0.
     """
     value = os.environ.get("EFFNB_SMOKE", "0").strip() or "0"
-    check_choice("EFFNB_SMOKE", value, ("0", "1"))
-    return value == "1"
+    check_choice("EFFNB_SMOKE", value, SMOKE_MODES)
+    return value
+
+
+def smoke_enabled() -> bool:
+    """Whether this is a smoke run of either kind (``EFFNB_SMOKE=1`` or ``dry``). Introduced in Chapter 0."""
+    return smoke_mode() != "0"
 
 
 @dataclass(frozen=True)
@@ -180,20 +193,26 @@ class Run:
     seed: int
     device: torch.device
     smoke: bool = False
+    dry: bool = False
 
     @property
     def is_ci(self) -> bool:
         """True on the small CPU profile."""
         return self.profile == "ci"
 
-    def pick(self, ci: object, full: object, smoke: object = None) -> object:
+    def pick(self, ci: object, full: object, smoke: object = None, dry: object = None) -> object:
         """Return ``ci`` on the ci profile and ``full`` on the full profile.
 
         On a smoke run of the full profile, return ``smoke`` instead where it is given: the
-        full profile's sizes with fewer steps or seeds.
+        full profile's sizes with fewer steps or seeds. On a dry run, return ``dry`` where it is
+        given, else ``smoke`` where that is: a repetition cut to one or two. Give ``smoke`` and
+        ``dry`` only for repetitions (steps, seeds, samples, rounds), never for a size, so that both
+        runs take the full profile's own shapes.
         """
         if self.is_ci:
             return ci
+        if self.dry and dry is not None:
+            return dry
         return smoke if self.smoke and smoke is not None else full
 
 
@@ -204,12 +223,129 @@ def setup(profile: str = "ci", seed: int = 0, device: str = "auto", threads: int
     Introduced in Chapter 0.
     """
     chosen = resolve_profile(profile)
-    smoke = smoke_enabled()
+    mode = smoke_mode()
     seed_everything(seed)
     dev = choose_device(device)
     if threads is not None:
         torch.set_num_threads(threads)
-    return Run(profile=chosen, seed=seed, device=dev, smoke=smoke and chosen == "full")
+    full = chosen == "full"
+    if mode == "dry" and full:
+        _start_device_check()
+    return Run(profile=chosen, seed=seed, device=dev, smoke=mode != "0" and full, dry=mode == "dry" and full)
+
+
+_ACTIVE_CHECK: list[DeviceCheck] = []
+
+
+def _start_device_check() -> None:
+    """A dry run checks device placement from here to the end of the process (once, however often setup runs)."""
+    if not _ACTIVE_CHECK:
+        _ACTIVE_CHECK.append(DeviceCheck().__enter__())
+
+
+# ---------------------------------------------------------------------------- device hygiene in a dry run
+_TAG = "_effnb_on_device"
+_FACTORIES = {"zeros", "ones", "empty", "full", "rand", "randn", "randint", "randperm", "arange", "linspace",
+              "logspace", "eye", "tensor", "as_tensor", "zeros_like", "ones_like", "empty_like", "full_like",
+              "rand_like", "randn_like", "randint_like", "normal", "from_numpy"}
+_TO_HOST = {"cpu", "numpy", "tolist", "item"}
+
+
+def _tensors(value: object) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
+
+
+def on_device(t: torch.Tensor) -> bool:
+    """Whether a dry run counts ``t`` as living on the run's device (see :class:`DeviceCheck`)."""
+    return bool(getattr(t, _TAG, False))
+
+
+def _moved_to_device(args: tuple, kwargs: dict) -> bool:
+    """Where a ``.to(...)`` call leaves its result: on the device when it names a device or follows a
+    tensor there, on the host when it follows a host tensor, and where its source is for a dtype only."""
+    followed = [a for a in args[1:] if isinstance(a, torch.Tensor)] + _tensors(kwargs.get("other"))
+    if followed:
+        return on_device(followed[0])
+    named = kwargs.get("device") is not None or any(isinstance(a, (torch.device, str)) for a in args[1:])
+    return named or on_device(args[0])
+
+
+class DeviceCheck(torch.overrides.TorchFunctionMode):
+    """Finds, on the CPU, the tensors a GPU run would leave on the host beside a model on the GPU.
+
+    In a dry run everything is on the CPU, so a tensor the chapter forgot to move still works. This
+    mode follows where each tensor *would* be: a tensor is on the device once it is moved there
+    (``.to(device)``, ``.cuda()``, a module's ``.to``), made there (a factory call with ``device=``) or
+    computed from one that is; ``.cpu()`` brings it back. Every call of a module that holds parameters
+    or buffers then checks that each input of one or more dimensions is where the module's own
+    tensors are, and raises ``RuntimeError`` naming both, as CUDA would.
+
+    It covers every module call, in effnb or in the chapter. It cannot see a mismatch between two
+    tensors outside a module call (``x_host + y_device`` in plain code), a tensor made under
+    ``with torch.device(...)``, or a host tensor a module makes inside its own forward. Introduced in Chapter 0.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._hook = None
+        self._deepcopy = torch.nn.Parameter.__deepcopy__
+
+    def __enter__(self) -> DeviceCheck:
+        self._hook = torch.nn.modules.module.register_module_forward_pre_hook(self._check)
+        original = self._deepcopy
+
+        def deepcopy_keeping_place(param: torch.nn.Parameter, memo: dict) -> torch.nn.Parameter:
+            copied = original(param, memo)               # a Parameter's copy is a new object: carry its place over
+            setattr(copied, _TAG, on_device(param))
+            return copied
+
+        torch.nn.Parameter.__deepcopy__ = deepcopy_keeping_place
+        return super().__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._hook.remove()
+        torch.nn.Parameter.__deepcopy__ = self._deepcopy
+        super().__exit__(*exc)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (torch's signature)
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        if name in ("to", "cuda", "cpu") and out is args[0] and not isinstance(out, torch.nn.Parameter):
+            out = out.view_as(out)         # a no-op move on the CPU: a new tensor, so that the source keeps its place
+        if name in _TO_HOST:
+            if isinstance(out, torch.nn.Parameter):
+                setattr(out, _TAG, False)
+            return out
+        if name in ("to", "cuda"):
+            moved = name == "cuda" or _moved_to_device(args, kwargs)
+        elif name in _FACTORIES and kwargs.get("device") is not None:
+            moved = True
+        else:
+            moved = any(on_device(t) for t in _tensors(args) + _tensors(kwargs))
+        if moved:
+            for t in _tensors(out):
+                setattr(t, _TAG, True)
+        return out
+
+    @staticmethod
+    def _check(module: torch.nn.Module, args: tuple) -> None:
+        own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        if not own:
+            return
+        here = on_device(own[0])
+        for t in _tensors(args):
+            if t.dim() > 0 and on_device(t) != here:
+                where = ("on the device", "on the host")
+                raise RuntimeError(f"{type(module).__name__} holds its parameters {where[not here]} but got an "
+                                   f"input of shape {tuple(t.shape)} {where[here]}: on a GPU this raises; move "
+                                   f"{'the input' if here else 'the module'} with .to(run.device).")
 
 
 class NetworkBlockedError(RuntimeError):

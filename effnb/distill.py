@@ -351,9 +351,10 @@ class SyntheticSet:
 @torch.no_grad()
 def expert_logits(model: nn.Module, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Logits ``(K, N, classes)`` of ``x (N, ...)`` under each of ``K`` flat parameter vectors ``params (K, P)``
-    (e.g. ``experts.stage2[:, -1]``, the classifier experts' last epoch), ``model`` giving the architecture."""
+    (e.g. ``experts.stage2[:, -1]``, the classifier experts' last epoch), ``model`` giving the architecture.
+    ``params`` may live on the CPU (experts are stored there); each vector is moved to ``x``'s device."""
     layout = ParameterLayout.of(model)
-    return torch.stack([functional_call(model, layout.unflatten(p), (x,)) for p in params])
+    return torch.stack([functional_call(model, layout.unflatten(p.to(x.device)), (x,)) for p in params])
 
 
 def select_per_class(y: torch.Tensor, num_classes: int, ipc: int, seed: int = 0,

@@ -1,3 +1,4 @@
+import re
 import socket
 import urllib.request
 
@@ -200,7 +201,70 @@ def test_smoke_run_picks_the_smoke_value_on_the_full_profile_only(monkeypatch):
     assert config.setup("full", 0, "cpu").pick(ci=1, full=100, smoke=5) == 100
 
 
+@pytest.fixture
+def dry_check_stopped(monkeypatch):
+    """A dry run's setup starts a device check for the rest of the process; stop the one a test starts."""
+    monkeypatch.setattr(config, "_ACTIVE_CHECK", [])
+    yield config._ACTIVE_CHECK
+    for check in config._ACTIVE_CHECK:
+        check.__exit__(None, None, None)
+
+
+def test_a_dry_run_picks_the_dry_value_then_the_smoke_value_on_the_full_profile_only(monkeypatch, dry_check_stopped):
+    monkeypatch.delenv("EFFNB_PROFILE", raising=False)
+    monkeypatch.setenv("EFFNB_SMOKE", "dry")
+    full = config.setup("full", 0, "cpu")
+    assert full.dry and full.smoke and config.smoke_mode() == "dry"
+    assert full.pick(ci=1, full=100, smoke=5, dry=2) == 2
+    assert full.pick(ci=1, full=100, smoke=5) == 5, "without a dry value the smoke one is used"
+    assert full.pick(ci=1, full=100) == 100, "a size: the full profile's own"
+    ci = config.setup("ci", 0, "cpu")
+    assert not ci.dry and ci.pick(ci=1, full=100, smoke=5, dry=2) == 1
+    monkeypatch.setenv("EFFNB_SMOKE", "1")
+    assert config.setup("full", 0, "cpu").pick(ci=1, full=100, smoke=5, dry=2) == 5
+
+
 def test_a_bad_smoke_value_names_the_allowed_ones(monkeypatch):
     monkeypatch.setenv("EFFNB_SMOKE", "yes")
-    with pytest.raises(ValueError, match=r"EFFNB_SMOKE='yes' is not valid; use one of '0', '1'\."):
+    with pytest.raises(ValueError, match=r"EFFNB_SMOKE='yes' is not valid; use one of '0', '1', 'dry'\."):
         config.setup("full", 0, "cpu")
+
+
+def test_device_check_finds_a_host_input_beside_a_model_on_the_device():
+    from torch import nn
+    with config.DeviceCheck():
+        model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).to(torch.device("cpu"))
+        assert all(config.on_device(t) for t in [*model.parameters(), *model.buffers()])
+        host = torch.randn(5, 3)
+        with pytest.raises(RuntimeError, match=re.escape("Linear holds its parameters on the device but got an input "
+                                                         "of shape (5, 3) on the host: on a GPU this raises; move the "
+                                                         "input with .to(run.device).")):
+            model(host)
+        moved = host.to(torch.device("cpu"))
+        assert config.on_device(moved) and not config.on_device(host), "a no-op move still leaves the source on the host"
+        out = model(moved)
+        assert config.on_device(out) and config.on_device(out[1:] * 2), "what is computed from the device stays there"
+        assert not config.on_device(out.cpu()) and config.on_device(out.float())
+        made = torch.zeros(2, 3, device="cpu")
+        assert config.on_device(made) and not config.on_device(torch.zeros(2, 3))
+        assert config.on_device(torch.ones(2).to(made)) and not config.on_device(made.to(torch.zeros(1)))
+        with pytest.raises(RuntimeError, match=re.escape("Linear holds its parameters on the host but got an input of "
+                                                         "shape (2, 3) on the device: on a GPU this raises; move the "
+                                                         "module with .to(run.device).")):
+            nn.Linear(3, 1)(made)
+        import copy
+        assert all(config.on_device(t) for t in copy.deepcopy(model).parameters()), "a deep copy stays where it was"
+        assert not config.on_device(model.cpu()[0].weight), "module.cpu() brings it back"
+        model[0](torch.randn(2, 3)[0])                     # a 0-d or host input beside a host module: fine
+    nn.Linear(3, 1).to("cpu")(torch.randn(2, 3))           # outside the block: no check, no hook left behind
+    assert nn.Parameter.__deepcopy__ is not None and "keeping_place" not in nn.Parameter.__deepcopy__.__name__
+
+
+def test_a_dry_run_checks_devices_from_setup_on(monkeypatch, dry_check_stopped):
+    monkeypatch.setenv("EFFNB_SMOKE", "dry")
+    config.setup("full", 0, "cpu")
+    config.setup("full", 0, "cpu")
+    assert len(dry_check_stopped) == 1, "one check, however often setup runs"
+    from torch import nn
+    with pytest.raises(RuntimeError, match="on a GPU this raises"):
+        nn.Linear(3, 1).to("cpu")(torch.randn(2, 3))

@@ -268,6 +268,15 @@ def test_expert_logits_equal_the_model_loaded_with_each_expert():
     torch.testing.assert_close(logits[1], D.set_flat_parameters(model, params[1])(split.x_test))
 
 
+def test_expert_logits_move_experts_stored_on_the_host_to_the_inputs_device():
+    from effnb.config import DeviceCheck
+    split = tiny_split()
+    params = torch.stack([D.flatten_parameters(ConvNet(1, 3, 4, 2, 8)) for _ in range(2)])   # on the host, as stored
+    with DeviceCheck():                                  # a GPU's placement, followed on the CPU
+        model, x = ConvNet(1, 3, 4, 2, 8).to("cpu"), split.x_test.to("cpu")
+        assert D.expert_logits(model, params, x).shape == (2, len(x), 3)
+
+
 def test_soft_label_training_equals_hard_label_training_for_one_hot_labels():
     split = tiny_split()
     torch.manual_seed(0)

@@ -310,3 +310,13 @@ def test_seed_sweep_refuses_a_negative_seed(capsys):
     with pytest.raises(SystemExit):
         seed_sweep.main(["--seeds", "-1"])
     assert "non-negative integers" in capsys.readouterr().err
+
+
+def test_full_dry_reads_the_last_exception_papermill_prints():
+    import full_dry
+
+    stderr = ("Executing: 100%|####| 3/3\nTraceback (most recent call last):\n  File x\n"
+              "RuntimeError: Linear holds its parameters on the device but got an input ...\n"
+              "papermill.exceptions.PapermillExecutionError: \n")
+    assert full_dry._last_error(stderr).startswith("RuntimeError: Linear holds its parameters")
+    assert full_dry._last_error("") == "no message"
